@@ -1,0 +1,96 @@
+"""The `recsys` command line: generate, train, index, serve, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cluster.config import load_config
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from training.schemas import write_shop
+    from training.synthetic import generate_shop
+
+    shop = generate_shop(args.size, args.seed)
+    write_shop(shop, args.out)
+    print(json.dumps({"out": str(args.out), "items": len(shop.catalog), "users": len(shop.users),
+                      "events": len(shop.events)}))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from cluster.runtime import init_ray
+    from training.pipeline import train_version
+
+    cfg = load_config(args.config)
+    init_ray()
+    train_cfg = cfg.train if args.workers is None else type(cfg.train)(**{**cfg.train.to_dict(),
+                                                                          "num_workers": args.workers})
+    path = train_version(args.data, args.bundles, args.version, train_cfg)
+    from training.bundle import load_bundle
+
+    print(json.dumps({"bundle": str(path), "metrics": load_bundle(path).metrics["retrieval"]}, indent=2))
+
+
+def _index(args: argparse.Namespace) -> None:
+    from cluster.runtime import init_ray
+    from indexing.embed import embed_catalog
+
+    cfg = load_config(args.config)
+    init_ray()
+    index_cfg = cfg.index if args.shards is None else type(cfg.index)(**{**cfg.index.to_dict(),
+                                                                         "n_shards": args.shards})
+    manifest = embed_catalog(args.bundle, index_cfg)
+    print(json.dumps({k: manifest[k] for k in ("version", "n_items", "build_seconds", "items_per_s")}))
+
+
+def _demo(args: argparse.Namespace, keep_serving: bool = False) -> None:
+    from cluster.demo import run_demo
+
+    run_demo(load_config(args.config), keep_serving=keep_serving)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recsys", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write a synthetic shop (catalog, users, events) as Parquet")
+    g.add_argument("--size", default="tiny", help="tiny | demo | large")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, required=True)
+    g.set_defaults(func=_generate)
+
+    t = sub.add_parser("train", help="train the two-tower model and the ranker on Ray Train into a bundle")
+    t.add_argument("--data", type=Path, required=True, help="shop folder (catalog/users/events Parquet)")
+    t.add_argument("--bundles", type=Path, default=Path("bundles"))
+    t.add_argument("--version", required=True)
+    t.add_argument("--workers", type=int, default=None, help="Ray Train workers (default from config)")
+    t.add_argument("--config", default=None, help="YAML config path or built-in name (demo, tiny)")
+    t.set_defaults(func=_train)
+
+    i = sub.add_parser("index", help="re-embed a bundle's catalog on Ray Data into FAISS shard actors")
+    i.add_argument("--bundle", type=Path, required=True)
+    i.add_argument("--shards", type=int, default=None)
+    i.add_argument("--config", default=None)
+    i.set_defaults(func=_index)
+
+    for name, keep in (("demo", False), ("serve", True)):
+        d = sub.add_parser(name, help="data, training, indexing, serving and real HTTP requests" if not keep
+                           else "the demo's deployment, then keep serving and print the URL")
+        d.add_argument("--config", default="demo", help="YAML config path or built-in name (demo, tiny)")
+        d.set_defaults(func=lambda a, keep=keep: _demo(a, keep_serving=keep))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message naming it, no traceback
+        print(f"recsys {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

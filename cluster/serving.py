@@ -1,0 +1,66 @@
+"""Serving operations: start Serve, deploy a version's application, (re)deploy the ingress with new weights."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from ray import serve
+
+from deployments.app import ServingConfig, build_ingress_app, build_version_app
+from deployments.features import create_store
+from deployments.ingress import version_app_name
+from training.bundle import load_bundle
+from training.schemas import read_shop
+
+INGRESS_APP = "recsys"
+
+
+def start_serve(cfg: ServingConfig) -> None:
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+
+
+def deploy_version(bundle_dir: str | Path, cfg: ServingConfig) -> str:
+    """Deploys (or updates) the application `recsys-<version>` of a bundle whose index is built; returns the version."""
+    bundle_dir = str(Path(bundle_dir).resolve())
+    version = load_bundle(bundle_dir).version
+    serve.run(build_version_app(bundle_dir, cfg), name=version_app_name(version), route_prefix=None)
+    return version
+
+
+def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig) -> None:
+    """Deploys the HTTP application, or applies new weights/policy to it in place (Serve calls `reconfigure`)."""
+    serve.run(build_ingress_app(versions, policy, cfg), name=INGRESS_APP, route_prefix="/")
+
+
+def seed_online_store(shop_dir: str | Path) -> dict[str, int]:
+    """Creates the online store actor and loads the shop's event history into it."""
+    import ray
+
+    store = create_store(read_shop(shop_dir).events)
+    return ray.get(store.stats.remote())
+
+
+def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Polls GET /healthz until every stage answers; raises TimeoutError with the last answer."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10.0)
+            last = r.text
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f}s; last answer: {last}")
+
+
+def shutdown_serving(versions: list[str]) -> None:
+    """Deletes the applications and the versions' shard actors; leaves Ray running."""
+    from indexing.embed import drop_shards
+
+    serve.shutdown()
+    for v in versions:
+        drop_shards(v)

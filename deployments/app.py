@@ -1,0 +1,45 @@
+"""The one place that wires Serve applications: every `.bind()` lives here."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.features import FeatureStore
+from deployments.ingress import Ingress
+from deployments.pipeline import Ranking, Retrieval, VersionPipeline
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    host: str = "127.0.0.1"  # loopback by default; set 0.0.0.0 to serve a network
+    port: int = 8000  # Serve's default HTTP port
+    candidates: int = 500  # retrieved per request and ranked
+    replica_cpus: float = 0.1  # fractional: a 2-core machine hosts every stage of two versions
+    max_replicas: int = 4  # autoscaling ceiling per deployment
+    threads: int = 1  # torch threads per model replica; scale out with replicas, not threads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _autoscaling(cfg: ServingConfig, target: int) -> dict[str, Any]:
+    return {"min_replicas": 1, "max_replicas": cfg.max_replicas, "target_ongoing_requests": target}
+
+
+def build_version_app(bundle_dir: str, cfg: ServingConfig) -> Application:
+    """VersionPipeline -> Retrieval + Ranking, all built from one bundle."""
+    opts = {"ray_actor_options": {"num_cpus": cfg.replica_cpus}}
+    retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(bundle_dir, cfg.threads)
+    ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads)
+    return VersionPipeline.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(
+        retrieval, ranking, bundle_dir, cfg.candidates)
+
+
+def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig) -> Application:
+    """Ingress (HTTP, routing, policy) + FeatureStore; versions and policy travel as the ingress's user_config."""
+    store = FeatureStore.options(ray_actor_options={"num_cpus": cfg.replica_cpus / 2}).bind()
+    return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
+                           autoscaling_config=_autoscaling(cfg, 16),
+                           user_config={"versions": dict(versions), "policy": dict(policy or {})}).bind(store)

@@ -1,0 +1,76 @@
+"""The HTTP contract: pydantic request and response models (OpenAPI comes from FastAPI)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.schemas import ACTIONS
+
+Action = Literal[ACTIONS]  # type: ignore[valid-type]
+Id = Field(min_length=1, max_length=128, pattern=r"^[^\s]+$")
+
+
+class RequestContext(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    country: str | None = Field(None, max_length=8)
+    device: str | None = Field(None, max_length=32)
+    page: str | None = Field("home", max_length=32)
+    category: str | None = Field(None, max_length=128)
+    query: str | None = Field(None, max_length=256)
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Id
+    k: int = Field(20, ge=1, le=500)
+    context: RequestContext = Field(default_factory=RequestContext)
+    policy: dict[str, Any] | None = None  # overrides of the deployment's PolicyConfig for this request
+    version: str | None = Field(None, max_length=40)  # force a live version instead of the weighted split
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float
+    brand: str
+    category: str
+    reason: str
+
+
+class RecommendResponse(BaseModel):
+    user_id: str
+    version: str
+    cold_start: bool
+    items: list[RecommendedItem]
+    timings_ms: dict[str, float]
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Id
+    item_id: str = Id
+    action: Action
+    timestamp: datetime | None = None  # server time when absent
+    position: int | None = Field(None, ge=0)
+    context: RequestContext | None = None
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventIn] = Field(min_length=1, max_length=10_000)
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+
+
+class LiveVersion(BaseModel):
+    version: str
+    weight: float
+    bundle: str
+    index: dict[str, Any]
+
+
+class VersionsResponse(BaseModel):
+    versions: list[LiveVersion]

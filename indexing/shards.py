@@ -1,0 +1,148 @@
+"""FAISS shard search and the fan-out merge, free of Ray.
+
+Item ``i`` lives on shard ``i % n_shards`` (``shard_of``); a query asks every shard for its top k and
+``merge_top_k`` keeps the k best overall, which equals one exact search over the whole catalog because every item's
+exact score is computed on exactly one shard (the faiss ``contrib`` client/server pattern, with one merge).
+The Ray actor that serves a ``FaissShard`` lives elsewhere in ``indexing/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+_NO_ID = -1  # faiss's id for "no result"
+
+
+class FaissShard:
+    """One shard of an item index: exact inner-product search over (id, vector) pairs
+    (faiss ``IndexIDMap2(IndexFlatIP)``; IDMap2 keeps the id -> row map so ids can be removed and re-added)."""
+
+    def __init__(self, dim: int) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = int(dim)
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+
+    def _check_vectors(self, x: np.ndarray, name: str) -> np.ndarray:
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            raise ValueError(f"{name} must be a float32 numpy array, got {getattr(x, 'dtype', type(x))}")
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{name} must have shape (n, {self.dim}), got {x.shape}")
+        return np.ascontiguousarray(x)
+
+    def add(self, ids: np.ndarray, xb: np.ndarray) -> int:
+        """Adds or replaces vectors.
+
+        Args:
+            ids: (n,) non-negative integer ids, unique within the call; an id already stored is replaced.
+            xb: (n, dim) float32 vectors.
+
+        Returns:
+            ntotal after the add.
+        """
+        xb = self._check_vectors(xb, "xb")
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1:
+            raise ValueError(f"ids must be a 1-D integer array, got dtype {ids.dtype} and shape {ids.shape}")
+        if len(ids) != len(xb):
+            raise ValueError(f"ids and xb differ in length: {len(ids)} vs {len(xb)}")
+        ids = ids.astype(np.int64)
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"ids must be >= 0 (-1 means 'no result'), got {ids.min()}")
+        if np.unique(ids).size != ids.size:
+            raise ValueError("ids must be unique within one add call")
+        if ids.size:
+            self.remove(ids)  # replace semantics: IndexIDMap2 would otherwise keep both copies
+            self.index.add_with_ids(xb, ids)
+        return self.ntotal
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Removes the given ids (absent ids are ignored) and returns how many were removed."""
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if ids.size == 0:
+            return 0
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k by inner product.
+
+        Args:
+            xq: (nq, dim) float32 queries.
+            k: results per query (>= 1).
+
+        Returns:
+            D (nq, k) float32 inner products, larger is better, and I (nq, k) int64 ids, best first; when the shard
+            holds fewer than k vectors the rest is padded with (-inf, -1).
+        """
+        xq = self._check_vectors(xq, "xq")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        nq = xq.shape[0]
+        if self.ntotal == 0 or nq == 0:
+            return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), _NO_ID, dtype=np.int64)
+        D, I = self.index.search(xq, k)  # (nq, k) each
+        D[I == _NO_ID] = -np.inf  # faiss pads inner-product results with -FLT_MAX; -inf can never win a merge
+        return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of stored vectors."""
+        return int(self.index.ntotal)
+
+    def stats(self) -> dict:
+        """``{"ntotal", "dim", "memory_bytes"}``; memory counts the float32 vectors and int64 ids, not faiss's
+        id -> row hash map."""
+        return {"ntotal": self.ntotal, "dim": self.dim, "memory_bytes": self.ntotal * (self.dim * 4 + 8)}
+
+
+def shard_of(ids: np.ndarray, n_shards: int) -> np.ndarray:
+    """(n,) int64 shard number of each id: ``ids % n_shards``."""
+    if isinstance(n_shards, bool) or not isinstance(n_shards, (int, np.integer)) or n_shards < 1:
+        raise ValueError(f"n_shards must be a positive int, got {n_shards!r}")
+    return np.asarray(ids, dtype=np.int64) % n_shards
+
+
+def merge_top_k(D_parts: Sequence[np.ndarray], I_parts: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merges per-shard results into the k best per query.
+
+    Args:
+        D_parts: per shard, (nq, k_i) scores, larger is better.
+        I_parts: per shard, (nq, k_i) int ids; -1 marks padding.
+        k: results to keep per query.
+
+    Returns:
+        D (nq, k) float32 and I (nq, k) int64, best first; equal scores are ordered by lower id so the result is
+        deterministic; padding (-inf, -1) goes to the end, also when fewer than k results exist.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(D_parts) == 0 or len(D_parts) != len(I_parts):
+        raise ValueError(f"need one or more parts, as many D as I: got {len(D_parts)} D and {len(I_parts)} I")
+    shapes = [(np.shape(d), np.shape(i)) for d, i in zip(D_parts, I_parts)]
+    nq = shapes[0][0][0] if len(shapes[0][0]) == 2 else -1
+    if any(len(sd) != 2 or sd != si or sd[0] != nq for sd, si in shapes):
+        raise ValueError(f"every part must be (nq, k_i) with matching D and I shapes, got {shapes}")
+    D = np.concatenate([np.asarray(d, dtype=np.float32) for d in D_parts], axis=1)  # (nq, K)
+    I = np.concatenate([np.asarray(i, dtype=np.int64) for i in I_parts], axis=1)  # (nq, K)
+    pad = I < 0
+    D[pad] = -np.inf
+    # Tie-break key: padding sorts after every real id.
+    tie = np.where(pad, np.iinfo(np.int64).max, I)
+    K = D.shape[1]
+    if K > k:
+        # Partition finds the k-th best score t per row; everything strictly above t is in, and the remaining
+        # slots go to the lowest ids scoring exactly t, which keeps the cut deterministic under ties.
+        t = -np.partition(-D, k - 1, axis=1)[:, k - 1 : k]  # (nq, 1)
+        above = D > t
+        key = np.where(above, np.iinfo(np.int64).min, np.where(D == t, tie, np.iinfo(np.int64).max))
+        sel = np.argpartition(key, k - 1, axis=1)[:, :k]  # (nq, k)
+        D, I, tie = (np.take_along_axis(a, sel, axis=1) for a in (D, I, tie))
+    order = np.lexsort((tie, -D), axis=1)  # score desc, then lower id
+    D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+    if K < k:
+        D = np.concatenate([D, np.full((D.shape[0], k - K), -np.inf, dtype=np.float32)], axis=1)
+        I = np.concatenate([I, np.full((I.shape[0], k - K), _NO_ID, dtype=np.int64)], axis=1)
+    return D, I

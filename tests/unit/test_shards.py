@@ -1,0 +1,154 @@
+"""FAISS shards: sharded search plus merge equals one exact index; removes, replaces and input checks."""
+
+import faiss
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indexing.shards import FaissShard, merge_top_k, shard_of
+
+DIM = 8
+
+
+def random_items(seed: int, n: int, dim: int = DIM) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(np.arange(1, 10 * n + 2), size=n, replace=False).astype(np.int64)
+    return ids, rng.normal(size=(n, dim)).astype(np.float32)
+
+
+def build_shards(ids: np.ndarray, xb: np.ndarray, n_shards: int) -> list[FaissShard]:
+    owner = shard_of(ids, n_shards)
+    shards = [FaissShard(xb.shape[1]) for _ in range(n_shards)]
+    for s, shard in enumerate(shards):
+        shard.add(ids[owner == s], xb[owner == s])
+    return shards
+
+
+def search_all(shards: list[FaissShard], xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = [shard.search(xq, k) for shard in shards]
+    return merge_top_k([d for d, _ in parts], [i for _, i in parts], k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 120),
+    n_shards=st.integers(1, 5),
+    k=st.integers(1, 30),
+)
+def test_sharded_search_then_merge_equals_one_exact_index(seed: int, n: int, n_shards: int, k: int) -> None:
+    ids, xb = random_items(seed, n)
+    xq = np.random.default_rng(seed + 1).normal(size=(7, DIM)).astype(np.float32)
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+    exact.add_with_ids(xb, ids)
+    D_ref, I_ref = exact.search(xq, k)
+    D, I = search_all(build_shards(ids, xb, n_shards), xq, k)
+    assert D.shape == I.shape == (7, k)
+    np.testing.assert_array_equal(I, I_ref)  # random normals: scores are distinct, so the order is unique
+    real = I_ref >= 0
+    np.testing.assert_allclose(D[real], D_ref[real], rtol=1e-5, atol=1e-5)
+    assert np.isneginf(D[~real]).all()
+
+
+def test_search_pads_with_minus_inf_and_minus_one_when_shard_is_small() -> None:
+    shard = FaissShard(DIM)
+    ids, xb = random_items(0, 3)
+    assert shard.add(ids, xb) == 3
+    D, I = shard.search(xb[:2], 5)
+    assert D.dtype == np.float32 and I.dtype == np.int64
+    assert (I[:, 3:] == -1).all() and np.isneginf(D[:, 3:]).all()
+    assert set(I[0, :3]) == set(ids)
+    D_empty, I_empty = FaissShard(DIM).search(xb[:2], 4)
+    assert (I_empty == -1).all() and np.isneginf(D_empty).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_removed=st.integers(0, 40))
+def test_removed_ids_are_never_returned(seed: int, n_removed: int) -> None:
+    ids, xb = random_items(seed, 40)
+    shard = FaissShard(DIM)
+    shard.add(ids, xb)
+    gone = ids[:n_removed]
+    assert shard.remove(np.concatenate([gone, [10**9]])) == n_removed  # unknown ids are ignored
+    assert shard.ntotal == 40 - n_removed
+    _, I = shard.search(xb, 40)
+    assert not np.isin(I, gone).any()
+    assert set(I[I >= 0].tolist()) == set(ids[n_removed:].tolist())
+
+
+def test_re_adding_an_id_replaces_its_vector() -> None:
+    shard = FaissShard(DIM)
+    ids, xb = random_items(3, 10)
+    shard.add(ids, xb)
+    new = np.zeros((1, DIM), dtype=np.float32)
+    new[0, 0] = 100.0
+    assert shard.add(ids[:1], new) == 10
+    D, I = shard.search(new, 10)
+    assert I[0, 0] == ids[0] and D[0, 0] == pytest.approx(10_000.0)
+    assert (I[0] == ids[0]).sum() == 1
+
+
+def test_stats_report_count_dim_and_memory() -> None:
+    shard = FaissShard(DIM)
+    ids, xb = random_items(4, 6)
+    shard.add(ids, xb)
+    assert shard.stats() == {"ntotal": 6, "dim": DIM, "memory_bytes": 6 * (DIM * 4 + 8)}
+
+
+@pytest.mark.parametrize(
+    ("ids", "xb", "match"),
+    [
+        (np.arange(3), np.zeros((3, DIM + 1), dtype=np.float32), "shape"),
+        (np.arange(3), np.zeros((3, DIM), dtype=np.float64), "float32"),
+        (np.arange(2), np.zeros((3, DIM), dtype=np.float32), "length"),
+        (np.zeros(3), np.zeros((3, DIM), dtype=np.float32), "integer"),
+        (np.array([1, 1, 2]), np.zeros((3, DIM), dtype=np.float32), "unique"),
+        (np.array([-1, 1, 2]), np.zeros((3, DIM), dtype=np.float32), ">= 0"),
+    ],
+)
+def test_add_rejects_bad_input(ids: np.ndarray, xb: np.ndarray, match: str) -> None:
+    shard = FaissShard(DIM)
+    with pytest.raises(ValueError, match=match):
+        shard.add(ids, xb)
+    assert shard.ntotal == 0
+
+
+def test_search_rejects_wrong_query_dim() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        FaissShard(DIM).search(np.zeros((2, DIM - 1), dtype=np.float32), 3)
+
+
+def test_shard_of_is_id_modulo_shard_count() -> None:
+    np.testing.assert_array_equal(shard_of(np.array([0, 1, 5, 7, 12]), 3), [0, 1, 2, 1, 0])
+    with pytest.raises(ValueError, match="n_shards"):
+        shard_of(np.array([1]), 0)
+
+
+def test_merge_breaks_ties_by_lower_id_and_drops_padding_to_the_end() -> None:
+    D_a = np.array([[0.5, 0.5, -np.inf]], dtype=np.float32)
+    I_a = np.array([[9, 4, -1]])
+    D_b = np.array([[0.7, 0.5, 0.5]], dtype=np.float32)
+    I_b = np.array([[3, 6, 2]])
+    D, I = merge_top_k([D_a, D_b], [I_a, I_b], 3)
+    np.testing.assert_array_equal(I, [[3, 2, 4]])
+    np.testing.assert_allclose(D, [[0.7, 0.5, 0.5]])
+    D, I = merge_top_k([D_a, D_b], [I_a, I_b], 8)
+    np.testing.assert_array_equal(I, [[3, 2, 4, 6, 9, -1, -1, -1]])
+    assert np.isneginf(D[0, 5:]).all()
+
+
+def test_merge_treats_faiss_float_min_padding_as_padding() -> None:
+    D_a = np.array([[-3.4e38, -3.4e38]], dtype=np.float32)  # what a raw faiss IP search pads with
+    I_a = np.array([[-1, -1]])
+    D_b = np.array([[-5.0, -6.0]], dtype=np.float32)
+    I_b = np.array([[8, 2]])
+    _, I = merge_top_k([D_a, D_b], [I_a, I_b], 3)
+    np.testing.assert_array_equal(I, [[8, 2, -1]])
+
+
+def test_merge_rejects_mismatched_parts() -> None:
+    with pytest.raises(ValueError, match="parts"):
+        merge_top_k([np.zeros((2, 3))], [np.zeros((2, 3)), np.zeros((2, 3))], 2)
+    with pytest.raises(ValueError, match="nq"):
+        merge_top_k([np.zeros((2, 3)), np.zeros((1, 3))], [np.zeros((2, 3)), np.zeros((1, 3))], 2)

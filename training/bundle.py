@@ -1,0 +1,122 @@
+"""Bundles: one immutable model version on disk (`bundles/<version>/`), verified by checksums when read."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from training.features import FeatureSpace, ItemFeatures
+from training.ranker import MultiTaskRanker, RankerConfig
+from training.two_tower import TwoTower, TwoTowerConfig
+
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")  # also a Serve app name and an actor name prefix
+MANIFEST = "manifest.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete or does not match its manifest."""
+
+
+def check_version(version: str) -> str:
+    if not VERSION_RE.match(version):
+        raise ValueError(f"version {version!r}: use 1-40 letters, digits, '.', '_' or '-', starting with a letter "
+                         "or digit")
+    return version
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _with_item_features(model: TwoTower | MultiTaskRanker, items: ItemFeatures) -> None:
+    model.set_item_features(torch.from_numpy(items.brand_idx), torch.from_numpy(items.category_idx),
+                            torch.from_numpy(items.price_bucket))
+
+
+def write_bundle(root: str | Path, version: str, space: FeatureSpace, items: pa.Table, two_tower: TwoTower,
+                 ranker: MultiTaskRanker, metrics: dict, snapshot_id: str, train_config: dict) -> Path:
+    """Writes `root/<version>/` and seals it with `manifest.json`; refuses to overwrite an existing bundle.
+
+    Args:
+        items: the bundle's catalog snapshot in item-index order (row i = item index i + 1) with its encoded features.
+    """
+    path = Path(root) / check_version(version)
+    if (path / MANIFEST).exists():
+        raise BundleError(f"bundle {path} exists already; bundles are immutable, choose another version")
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(two_tower.state_dict(), path / "two_tower.pt")
+    torch.save(ranker.state_dict(), path / "ranker.pt")
+    pq.write_table(items, path / "items.parquet")
+    (path / "vocab.json").write_text(space.to_json())
+    (path / "config.json").write_text(json.dumps({"two_tower": two_tower.config.to_dict(),
+                                                  "ranker": ranker.config.to_dict(), "train": train_config}, indent=2))
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    files = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.is_file())
+    manifest = {"version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "data_snapshot": snapshot_id, "files": {f: sha256_of(path / f) for f in files}, "metrics": metrics}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+    space: FeatureSpace
+    items: pa.Table  # item-index order, with item_idx, brand_idx, category_idx, price_bucket, popularity
+    config: dict
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    def item_features(self) -> ItemFeatures:
+        """Lookup arrays indexed by item index, row 0 = padding."""
+        cols = [np.concatenate([[0], self.items.column(c).to_numpy()]).astype(np.int64)
+                for c in ("item_idx", "brand_idx", "category_idx", "price_bucket")]
+        return ItemFeatures(*cols)
+
+    def two_tower(self) -> TwoTower:
+        model = TwoTower(TwoTowerConfig(**self.config["two_tower"]))
+        model.load_state_dict(torch.load(self.path / "two_tower.pt", weights_only=True))
+        return model.eval()
+
+    def ranker(self) -> MultiTaskRanker:
+        cfg = dict(self.config["ranker"])
+        cfg["task_weights"] = tuple(cfg["task_weights"])
+        model = MultiTaskRanker(RankerConfig(**cfg))
+        model.load_state_dict(torch.load(self.path / "ranker.pt", weights_only=True))
+        return model.eval()
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Reads a bundle; with `verify`, every file must match the sha256 in its manifest."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise BundleError(f"{path}: no {MANIFEST}; not a bundle (train one with `recsys train`)")
+    manifest = json.loads((path / MANIFEST).read_text())
+    for name, digest in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise BundleError(f"{path}: file {name} listed in the manifest is missing")
+        if verify and sha256_of(f) != digest:
+            raise BundleError(f"{path}: checksum of {name} does not match the manifest; the bundle was modified")
+    items = pq.read_table(path / "items.parquet")
+    space = FeatureSpace.from_json((path / "vocab.json").read_text(), items.column("item_id").to_pylist())
+    return Bundle(path, manifest, space, items, json.loads((path / "config.json").read_text()))
