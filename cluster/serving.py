@@ -15,23 +15,25 @@ from training.bundle import load_bundle
 from training.schemas import read_shop
 
 INGRESS_APP = "recsys"
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
 
 
 def start_serve(cfg: ServingConfig) -> None:
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=QUIET)
 
 
 def deploy_version(bundle_dir: str | Path, cfg: ServingConfig) -> str:
     """Deploys (or updates) the application `recsys-<version>` of a bundle whose index is built; returns the version."""
     bundle_dir = str(Path(bundle_dir).resolve())
     version = load_bundle(bundle_dir).version
-    serve.run(build_version_app(bundle_dir, cfg), name=version_app_name(version), route_prefix=None)
+    serve.run(build_version_app(bundle_dir, cfg), name=version_app_name(version), route_prefix=None,
+              logging_config=QUIET)
     return version
 
 
 def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig) -> None:
     """Deploys the HTTP application, or applies new weights/policy to it in place (Serve calls `reconfigure`)."""
-    serve.run(build_ingress_app(versions, policy, cfg), name=INGRESS_APP, route_prefix="/")
+    serve.run(build_ingress_app(versions, policy, cfg), name=INGRESS_APP, route_prefix="/", logging_config=QUIET)
 
 
 def seed_online_store(shop_dir: str | Path) -> dict[str, int]:

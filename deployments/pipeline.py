@@ -52,8 +52,9 @@ class Retrieval:
             return {"item_idx": idx, "scores": np.zeros(len(idx), np.float32), "reasons": reasons[:k],
                     "cold_start": True}
         with torch.inference_mode():
-            xq = self.model.user_tower(torch.from_numpy(hist_items), torch.from_numpy(hist_actions),
-                                       torch.from_numpy(context)).numpy()  # (1, D)
+            # torch.tensor copies: arrays arriving through Serve are read-only.
+            xq = self.model.user_tower(torch.tensor(hist_items), torch.tensor(hist_actions),
+                                       torch.tensor(context)).numpy()  # (1, D)
         parts = await asyncio.gather(*[s.search.remote(xq, k) for s in self.shards])  # [1] fan out to all shards
         D, I = merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
         keep = I[0] >= 0
@@ -65,7 +66,7 @@ class Retrieval:
         return {"shards": len(stats), "items": sum(s["ntotal"] for s in stats)}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1},
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 class Ranking:
     """Multi-task ranker; concurrent requests are scored together in one forward pass."""

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -27,7 +28,8 @@ class IndexConfig:
     n_shards: int = 2  # shards per version; each is one actor, placed anywhere in the cluster
     batch_size: int = 4096  # items per item-tower call: large enough to amortise torch overhead
     embed_actors: int = 2  # Ray Data actor pool size for the item tower
-    embed_cpus: float = 0.5  # per embedding actor; fractional so indexing runs beside serving on 2 cores
+    # Per embedding actor. Fractional, and small enough that Ray Data's own 1-CPU tasks still fit on a 2-core node.
+    embed_cpus: float = 0.25
     shard_cpus: float = 0.05  # shards idle between searches; a small reservation keeps them schedulable anywhere
 
     def to_dict(self) -> dict:
@@ -95,8 +97,12 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
     t0 = time.perf_counter()
     dim = bundle.config["two_tower"]["dim"]
     shards = create_shards(bundle.version, dim, cfg)
-    ds = ray.data.read_parquet(str(Path(bundle_dir) / "items.parquet"),
-                               columns=["item_idx", "brand_idx", "category_idx", "price_bucket"])
+    # The catalog snapshot is one file of a few integer columns (8 MB per 1M items): read it here and hand it to Ray
+    # Data, because read_parquet's file-listing task asks for a whole CPU and on a 2-core node waits forever behind
+    # the embedding actors. The vectors, the bulk of the work, never pass through the driver.
+    items = pq.read_table(Path(bundle_dir) / "items.parquet",
+                          columns=["item_idx", "brand_idx", "category_idx", "price_bucket"])
+    ds = ray.data.from_arrow([items.slice(s, cfg.batch_size) for s in range(0, len(items), cfg.batch_size)])
     counts = ds.map_batches(ItemEmbedder, fn_constructor_args=(str(Path(bundle_dir).resolve()), cfg.n_shards),
                             batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                                 size=cfg.embed_actors), num_cpus=cfg.embed_cpus)  # [1] the item tower on an actor pool

@@ -117,8 +117,8 @@ def score_candidates(model: MultiTaskRanker, hist_items: np.ndarray, hist_action
     Returns:
         B float32 arrays of combined scores, aligned with `candidates`.
     """
-    user = model.encode_user(torch.from_numpy(hist_items), torch.from_numpy(hist_actions),
-                             torch.from_numpy(context))  # (B, D), once per request
+    user = model.encode_user(torch.tensor(hist_items), torch.tensor(hist_actions),
+                             torch.tensor(context))  # (B, D), once per request
     lengths = [len(c) for c in candidates]
     owner = torch.from_numpy(np.repeat(np.arange(len(candidates)), lengths))  # (N,) request of each candidate
     items = torch.from_numpy(np.concatenate(candidates).astype(np.int64)) if sum(lengths) else torch.zeros(0, dtype=torch.long)

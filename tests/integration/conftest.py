@@ -1,0 +1,41 @@
+"""The tiny stack, built once: tiny shop -> two versions trained on Ray Train -> indexed on Ray Data -> served."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+
+WEIGHTS = {"v1": 90.0, "v2": 10.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    from cluster.config import load_config
+    from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
+    from indexing.embed import embed_catalog
+    from training.pipeline import train_version
+    from training.schemas import write_shop
+    from training.synthetic import generate_shop
+
+    root = tmp_path_factory.mktemp("stack")
+    cfg = load_config("tiny")
+    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=free_port()),
+                              train=dataclasses.replace(cfg.train, storage_path=str(root / "runs")))
+    shop_dir = root / "shop"
+    write_shop(generate_shop("tiny", seed=0), shop_dir)
+    bundles = {}
+    for i, version in enumerate(WEIGHTS):
+        bundles[version] = train_version(shop_dir, root / "bundles", version,
+                                         dataclasses.replace(cfg.train, seed=i))
+        embed_catalog(bundles[version], cfg.index)
+    start_serve(cfg.serving)
+    seed_online_store(shop_dir)
+    for path in bundles.values():
+        deploy_version(path, cfg.serving)
+    deploy_ingress(WEIGHTS, cfg.policy.to_dict(), cfg.serving)
+    url = f"http://{cfg.serving.host}:{cfg.serving.port}"
+    wait_healthy(url)
+    return {"url": url, "shop": shop_dir, "bundles": bundles, "cfg": cfg, "root": root}
