@@ -48,13 +48,16 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     lookups = {"item_brand": feats.brand_idx, "item_category": feats.category_idx, "item_price": feats.price_bucket}
     tower_data = tower_examples(split.train, space)
     history = engagements_of(split.train, space)
+    popularity = popularity_counts(history.item_idx, space.n_items)
     ranker_data = impressions(split.train, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed)
     _log(f"{len(tower_data):,} two-tower examples, {len(ranker_data):,} ranker impressions")
 
     sizes = space.sizes
     tower_cfg = TwoTowerConfig(**sizes, dim=cfg.dim)
     ranker_cfg = RankerConfig(**sizes)
-    tower_state, tower_hist = fit_on_ray("two_tower", tower_cfg.to_dict(), tower_data.as_dict() | lookups,
+    tower_inputs = tower_data.as_dict() | lookups | {"item_counts": np.bincount(tower_data.target,
+                                                                                minlength=space.n_items + 1)}
+    tower_state, tower_hist = fit_on_ray("two_tower", tower_cfg.to_dict(), tower_inputs,
                                          ["hist_items", "hist_actions", "context", "target"], cfg,
                                          f"{version}-two_tower")
     ranker_state, ranker_hist = fit_on_ray("ranker", ranker_cfg.to_dict(), ranker_data.as_dict() | lookups,
@@ -66,7 +69,6 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     ranker.load_state_dict(ranker_state)
 
     _log("evaluating on the held-out split")
-    popularity = popularity_counts(history.item_idx, space.n_items)
     ev = eval_set(split, space, max_users=cfg.eval_users, seed=cfg.seed)
     with torch.inference_mode():
         retrieval = evaluate_retrieval(tower.eval(), popularity, ev)

@@ -66,6 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
     data: dict[str, np.ndarray] = ray.get(config["data"])  # [1] every worker reads the arrays from the object store
     model = build_model(kind, config["model_config"])
     model.set_item_features(*(torch.from_numpy(np.array(data[k])) for k in ("item_brand", "item_category", "item_price")))
+    if kind == "two_tower":
+        model.set_sampling_log_q(torch.from_numpy(np.array(data["item_counts"])))
     model = ray.train.torch.prepare_model(model)  # [2] DDP (gloo on CPU, nccl on GPU) and device placement
     device = ray.train.torch.get_device()
     opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -1,0 +1,79 @@
+"""Feature encoding and example building: histories never look into the future."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+
+from training.examples import eval_set, impressions, temporal_split, tower_examples
+from training.features import (build_feature_space, encode_history, engagements_of, histories_at,
+                               item_feature_table)
+from training.synthetic import generate_shop
+
+
+def _shop():
+    return generate_shop("tiny", seed=0)
+
+
+def test_history_holds_only_earlier_engagements_of_the_same_user_most_recent_last():
+    shop = _shop()
+    space = build_feature_space(shop.catalog, shop.users, shop.events, history_len=5)
+    eng = engagements_of(shop.events, space)
+    u = int(np.bincount(eng.user_code).argmax())  # the most active user
+    mine = eng.user_code == u
+    t = eng.time_ms[mine]
+    at = int(t[len(t) // 2])
+    items, actions = histories_at(eng, np.array([u]), np.array([at]), 5)
+    expected = eng.item_idx[mine][t < at][-5:]
+    assert items[0, 5 - len(expected):].tolist() == expected.tolist()
+    assert (actions[0, 5 - len(expected):] > 0).all()
+
+
+def test_a_user_without_earlier_engagements_gets_an_all_padding_history():
+    shop = _shop()
+    space = build_feature_space(shop.catalog, shop.users, shop.events)
+    eng = engagements_of(shop.events, space)
+    items, actions = histories_at(eng, np.array([0]), np.array([0]), 4)
+    assert items.tolist() == [[0, 0, 0, 0]] and actions.tolist() == [[0, 0, 0, 0]]
+
+
+def test_temporal_split_puts_every_test_event_after_every_train_event():
+    split = temporal_split(_shop().events, 0.1)
+    assert pc.max(split.train.column("timestamp")).value < pc.min(split.test.column("timestamp")).value
+    assert 0.05 < len(split.test) / (len(split.train) + len(split.test)) < 0.15
+
+
+def test_eval_targets_are_future_items_never_seen_before_the_cutoff():
+    shop = _shop()
+    space = build_feature_space(shop.catalog, shop.users, shop.events)
+    ev = eval_set(temporal_split(shop.events, 0.2), space, max_users=None)
+    assert len(ev.user_ids) > 10
+    for targets, seen in zip(ev.targets, ev.seen):
+        assert len(targets) and not set(targets) & set(seen)
+
+
+def test_tower_examples_target_known_items_and_impression_labels_follow_the_funnel():
+    shop = _shop()
+    space = build_feature_space(shop.catalog, shop.users, shop.events)
+    ex = tower_examples(shop.events, space)
+    assert len(ex) > 0 and (ex.target > 0).all() and ex.hist_items.shape == (len(ex), space.history_len)
+    imp = impressions(shop.events, space, engagements_of(shop.events, space))
+    click, purchase = imp.labels[:, 0], imp.labels[:, 3]
+    assert 0.02 < click.mean() < 0.3
+    assert (purchase <= click).all()  # no purchase of a shown item without a click on it
+
+
+def test_encode_history_right_aligns_and_drops_items_unknown_to_the_bundle():
+    shop = _shop()
+    space = build_feature_space(shop.catalog, shop.users, shop.events, history_len=4)
+    items, actions = encode_history(space, ["i1", "not-an-item", "i2"], ["click", "purchase", "click"])
+    assert items[0, 0] == 0 and items[0, 2] == 0 and items[0, 1] > 0 and items[0, 3] > 0
+    assert actions[0, 2] == 0  # unknown item carries no action either
+
+
+def test_item_feature_table_rows_follow_item_indices():
+    shop = _shop()
+    space = build_feature_space(shop.catalog, shop.users, shop.events)
+    feats = item_feature_table(shop.catalog, space)
+    row = 17
+    assert feats.item_idx[row + 1] == row + 1
+    assert space.brands[feats.brand_idx[row + 1] - 1] == shop.catalog.column("brand")[row].as_py()
