@@ -22,6 +22,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def serve_port() -> int:
+    """A free port for Serve's HTTP proxy, so tests never collide with a running `make serve` on 8000."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A head node on free ports (logical CPUs: 4, so fractional actors of two versions fit on 2 cores)."""
     import ray

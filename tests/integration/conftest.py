@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-
 WEIGHTS = {"v1": 90.0, "v2": 10.0}
 
 
 @pytest.fixture(scope="session")
-def tiny_stack(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+def tiny_stack(ray_cluster, serve_port: int, tmp_path_factory: pytest.TempPathFactory):
     from cluster.config import load_config
     from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
     from indexing.embed import embed_catalog
@@ -22,7 +20,7 @@ def tiny_stack(ray_cluster, tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("stack")
     cfg = load_config("tiny")
-    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=free_port()),
+    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=serve_port),
                               train=dataclasses.replace(cfg.train, storage_path=str(root / "runs")))
     shop_dir = root / "shop"
     write_shop(generate_shop("tiny", seed=0), shop_dir)

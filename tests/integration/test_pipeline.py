@@ -22,6 +22,14 @@ def known_users(stack, n: int) -> list[str]:
     return read_shop(stack["shop"]).users.column("user_id").to_pylist()[:n]
 
 
+def engaged_user(stack) -> str:
+    """A user with at least one engagement (click or deeper) in the shop's history."""
+    from training.schemas import read_shop
+
+    events = read_shop(stack["shop"]).events.to_pandas()
+    return str(events.loc[events["action"] != "view", "user_id"].iloc[0])
+
+
 def test_bundle_is_sealed_with_checksums_metrics_and_snapshot(tiny_stack):
     from training.bundle import load_bundle, sha256_of
 
@@ -56,7 +64,7 @@ def test_shard_fan_out_and_merge_equals_one_exact_index_over_the_catalog(tiny_st
 
 
 def test_recommend_answers_with_items_version_and_stage_timings(tiny_stack):
-    user = known_users(tiny_stack, 1)[0]
+    user = engaged_user(tiny_stack)
     r = post(tiny_stack, "/recommend", {"user_id": user, "k": 20,
                                         "context": {"country": "DE", "device": "app", "page": "home"}})
     assert r.status_code == 200, r.text
@@ -95,7 +103,6 @@ def test_unknown_user_gets_a_marked_cold_start_answer(tiny_stack):
 def test_posted_events_are_visible_to_the_next_recommend(tiny_stack):
     user = "fresh-shopper"
     assert post(tiny_stack, "/recommend", {"user_id": user}).json()["cold_start"] is True
-    items = known_users(tiny_stack, 0)  # noqa: F841  (keeps the helper exercised)
     from training.schemas import read_shop
 
     catalog = read_shop(tiny_stack["shop"]).catalog.column("item_id").to_pylist()
