@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(BIN)/recsys serve
 
 bench: $(STAMP)
-	$(BIN)/recsys bench all --out bench/results
+	$(BIN)/python -m bench.stages --out bench/results/stages.json
 
 clean:
 	rm -rf data bundles runs out bench/results
