@@ -87,3 +87,24 @@ def test_history_encoded_once_per_request_gives_the_same_scores_as_per_candidate
                 user = model.encode_user(items[r:r + 1], actions[r:r + 1], ctx[r:r + 1])
                 single = model.combined(model.score(user, torch.tensor([item])))
                 assert abs(single.item() - batched[r][j]) < 1e-5
+
+
+def test_logq_correction_subtracts_each_columns_log_sampling_probability():
+    torch.manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    v = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    target = torch.arange(4)
+    log_q = torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    manual = torch.nn.functional.cross_entropy(u @ v.T / 0.1 - log_q.unsqueeze(0), target)
+    torch.testing.assert_close(in_batch_softmax_loss(u, v, target, 0.1, log_q), manual)
+    # A popular item stops being over-penalised as a negative: its logit rises relative to rare items.
+    assert in_batch_softmax_loss(u, v, target, 0.1, log_q) != in_batch_softmax_loss(u, v, target, 0.1)
+
+
+def test_sampling_log_q_follows_target_counts():
+    model = TwoTower(TwoTowerConfig(**SIZES, dim=8))
+    counts = torch.zeros(101)
+    counts[5] = 99.0
+    model.set_sampling_log_q(counts)
+    assert model.item_log_q[5] > model.item_log_q[6]
+    torch.testing.assert_close(model.item_log_q.exp().sum(), torch.tensor(1.0))
