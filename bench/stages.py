@@ -18,6 +18,7 @@ from indexing.shards import FaissShard, merge_top_k, shard_of
 from training.bundle import load_bundle
 from training.offline_eval import item_vectors
 from training.policy import PolicyConfig, RankedList, UserState, apply_policy
+from training.features import CONTEXT_COLUMNS
 from training.ranker import score_candidates
 
 
@@ -56,24 +57,25 @@ def main() -> None:
     L = bundle.space.history_len
     hist = rng.integers(1, len(V), size=(1, L))
     acts = np.full((1, L), 2)
-    ctx = np.ones((1, 3), dtype=np.int64)
+    ages = np.full((1, L), 5)
+    ctx = np.ones((1, len(CONTEXT_COLUMNS)), dtype=np.int64)
+    user_inputs = (hist, acts, ages, ctx)
     K = args.candidates
 
     def retrieve() -> np.ndarray:
         with torch.inference_mode():
-            xq = tower.user_tower(torch.tensor(hist), torch.tensor(acts), torch.tensor(ctx)).numpy()
+            xq = tower.user_tower(*(torch.tensor(x) for x in user_inputs)).numpy()
         parts = [s.search(xq, K) for s in shards]
         return merge_top_k([d for d, _ in parts], [i for _, i in parts], K)[1][0]
 
     cands = retrieve()
 
     def rank_once() -> None:
-        score_candidates(ranker, hist, acts, ctx, [cands])
+        score_candidates(ranker, *user_inputs, [cands])
 
     def rank_per_candidate() -> None:  # what "encode the history once per request" saves
         n = len(cands)
-        score_candidates(ranker, np.repeat(hist, n, 0), np.repeat(acts, n, 0), np.repeat(ctx, n, 0),
-                         [c[None] for c in cands])
+        score_candidates(ranker, *(np.repeat(x, n, 0) for x in user_inputs), [c[None] for c in cands])
 
     items = bundle.items
     ranked = RankedList([f"i{c}" for c in cands], rng.random(len(cands)).astype(np.float32),

@@ -8,7 +8,9 @@ from ray.serve import Application
 
 from deployments.features import FeatureStore
 from deployments.ingress import Ingress
-from deployments.pipeline import Ranking, Retrieval, VersionPipeline
+from deployments.pipeline import VersionPipeline
+from deployments.ranking import Ranking
+from deployments.retrieval import Retrieval
 
 
 @dataclass(frozen=True)

@@ -10,82 +10,31 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from indexing.embed import get_shards, read_index_manifest
-from indexing.shards import merge_top_k
+from indexing.embed import read_index_manifest
 from training.bundle import load_bundle
-from training.features import encode_context, encode_history
-from training.ranker import score_candidates
-
-COLD_START_EACH = 250  # popular and new items offered to a user without history, before ranking
+from training.features import FeatureSpace, encode_context, encode_history
 
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4})
-class Retrieval:
-    """User tower at request time, fan-out to every index shard of the version, one merge to the top candidates."""
+def request_features(space: FeatureSpace, history: dict[str, Any], context: dict[str, Any],
+                     now_s: float) -> dict[str, np.ndarray]:
+    """The encoded request every model reads: `USER_INPUTS` arrays, each with one row.
 
-    def __init__(self, bundle_dir: str, threads: int = 1) -> None:
-        torch.set_num_threads(threads)
-        bundle = load_bundle(bundle_dir)
-        self.model = bundle.two_tower()
-        self.shards = get_shards(bundle.version, len(read_index_manifest(bundle_dir)["shards"]))
-        popularity = bundle.items.column("popularity").to_numpy()
-        created = bundle.items.column("created_at").cast("int64").to_numpy()
-        self.popular = np.argsort(-popularity, kind="stable")[:COLD_START_EACH] + 1  # item indices
-        newest = np.argsort(-created, kind="stable") + 1
-        self.new = newest[~np.isin(newest, self.popular)][:COLD_START_EACH]
-
-    async def retrieve(self, hist_items: np.ndarray, hist_actions: np.ndarray, context: np.ndarray,
-                       k: int) -> dict[str, Any]:
-        """(1, L), (1, L), (1, 3) -> the top-k item indices by inner product, with scores and reasons."""
-        if not hist_actions.any():  # cold start: no engagement to build a user vector from
-            idx = np.concatenate([self.popular, self.new])[:k]
-            reasons = ["cold_start:popular"] * len(self.popular) + ["cold_start:new"] * len(self.new)
-            return {"item_idx": idx, "scores": np.zeros(len(idx), np.float32), "reasons": reasons[:k],
-                    "cold_start": True}
-        with torch.inference_mode():
-            # torch.tensor copies: arrays arriving through Serve are read-only.
-            xq = self.model.user_tower(torch.tensor(hist_items), torch.tensor(hist_actions),
-                                       torch.tensor(context)).numpy()  # (1, D)
-        parts = await asyncio.gather(*[s.search.remote(xq, k) for s in self.shards])  # [1] fan out to all shards
-        D, I = merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
-        keep = I[0] >= 0
-        return {"item_idx": I[0][keep], "scores": D[0][keep], "reasons": ["retrieval"] * int(keep.sum()),
-                "cold_start": False}
-
-    async def health(self) -> dict[str, Any]:
-        stats = await asyncio.gather(*[s.stats.remote() for s in self.shards])
-        return {"shards": len(stats), "items": sum(s["ntotal"] for s in stats)}
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
-class Ranking:
-    """Multi-task ranker; concurrent requests are scored together in one forward pass."""
-
-    def __init__(self, bundle_dir: str, threads: int = 1) -> None:
-        torch.set_num_threads(threads)
-        self.model = load_bundle(bundle_dir).ranker()
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)  # [2] requests arriving within 2 ms share a pass
-    async def rank(self, requests: list[dict[str, Any]]) -> list[np.ndarray]:
-        """Each request: {hist_items (1, L), hist_actions (1, L), context (1, 3), item_idx (n,)} -> (n,) scores."""
-        scores = score_candidates(self.model, np.concatenate([r["hist_items"] for r in requests]),
-                                  np.concatenate([r["hist_actions"] for r in requests]),
-                                  np.concatenate([r["context"] for r in requests]),
-                                  [r["item_idx"] for r in requests])
-        return scores
-
-    async def health(self) -> dict[str, Any]:
-        return {"tasks": list(self.model.config.task_weights)}
+    Args:
+        history: the online store's state of the user ({items, actions, timestamps} oldest first).
+        context: the request context (country, device, page, category, query; any may be missing).
+    """
+    items, actions, ages = encode_history(space, history["items"], history["actions"], history.get("timestamps"),
+                                          now_s)
+    ctx = encode_context(space, [context.get("country")], [context.get("device")], [context.get("page")],
+                         [context.get("category")], [context.get("query")])
+    return {"hist_items": items, "hist_actions": actions, "hist_ages": ages, "context": ctx}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1},
@@ -105,14 +54,12 @@ class VersionPipeline:
 
     async def recommend(self, history: dict[str, Any], context: dict[str, Any], n_out: int) -> dict[str, Any]:
         """The ranked list (best first, at most n_out) for one user state and request context."""
-        hist_items, hist_actions = encode_history(self.space, history["items"], history["actions"])
-        ctx = encode_context(self.space, [context.get("country")], [context.get("device")], [context.get("page")])
+        features = request_features(self.space, history, context, time.time())
         t0 = time.perf_counter()
-        found = await self.retrieval.retrieve.remote(hist_items, hist_actions, ctx, self.candidates)
+        found = await self.retrieval.retrieve.remote(features, self.candidates)
         t_retrieval = _ms(t0)
         t1 = time.perf_counter()
-        scores = await self.ranking.rank.remote({"hist_items": hist_items, "hist_actions": hist_actions,
-                                                 "context": ctx, "item_idx": found["item_idx"]})
+        scores = await self.ranking.rank.remote({"features": features, "item_idx": found["item_idx"]})
         order = np.argsort(-scores, kind="stable")[:n_out]
         idx = found["item_idx"][order] - 1  # item index -> row of items.parquet
         return {"version": self.version, "cold_start": found["cold_start"],

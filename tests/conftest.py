@@ -1,12 +1,10 @@
-"""Shared fixtures. Integration tests share one local Ray head node, started once per session with `ray start`, so
-the job-submission test talks to a real cluster and every other test reuses it."""
+"""Shared fixtures. Integration tests share one local Ray, started once per session with its dashboard, so the
+job-submission test submits to a real job server and every other test reuses the cluster."""
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,27 +26,27 @@ def serve_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """A head node on free ports (logical CPUs: 4, so fractional actors of two versions fit on 2 cores)."""
+def ray_cluster():
+    """One local Ray for the session (logical CPUs: 4, so fractional actors of two versions fit on 2 cores).
+
+    It is started by this process (`ray.init`) with its dashboard and job server on free ports, so `ray job submit`
+    reaches it like any head node, and `ray.shutdown()` stops exactly this cluster: never `ray stop`, which would
+    kill every Ray on the machine.
+    """
     import ray
 
-    port, dashboard = free_port(), free_port()
+    dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "PATH")})  # job entrypoints
+    # run in the cluster's environment: `recsys` must be on its PATH
     temp_dir = Path("/tmp") / f"ray-recsys-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address=f"127.0.0.1:{port}", namespace="recsys", log_to_driver=False)
-    yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    ctx = ray.init(num_cpus=4, namespace="recsys", log_to_driver=False, include_dashboard=True,
+                   dashboard_host="127.0.0.1", dashboard_port=dashboard, _temp_dir=str(temp_dir))
+    yield {"address": ctx.address_info["address"], "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     from ray import serve
 
     try:
         serve.shutdown()
     finally:
         ray.shutdown()
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        time.sleep(1)

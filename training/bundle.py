@@ -14,8 +14,6 @@ import pyarrow.parquet as pq
 import torch
 
 from training.features import FeatureSpace, ItemFeatures
-from training.ranker import MultiTaskRanker, RankerConfig
-from training.two_tower import TwoTower, TwoTowerConfig
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")  # also a Serve app name and an actor name prefix
 MANIFEST = "manifest.json"
@@ -40,17 +38,19 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _with_item_features(model: TwoTower | MultiTaskRanker, items: ItemFeatures) -> None:
-    model.set_item_features(torch.from_numpy(items.brand_idx), torch.from_numpy(items.category_idx),
-                            torch.from_numpy(items.price_bucket))
+def class_path(model: torch.nn.Module) -> str:
+    """"module:Class" of a model, as `training.train_loop.build_model` reads it."""
+    return f"{type(model).__module__}:{type(model).__qualname__}"
 
 
-def write_bundle(root: str | Path, version: str, space: FeatureSpace, items: pa.Table, two_tower: TwoTower,
-                 ranker: MultiTaskRanker, metrics: dict, snapshot_id: str, train_config: dict) -> Path:
+def write_bundle(root: str | Path, version: str, space: FeatureSpace, items: pa.Table, two_tower: torch.nn.Module,
+                 ranker: torch.nn.Module, metrics: dict, snapshot_id: str, train_config: dict) -> Path:
     """Writes `root/<version>/` and seals it with `manifest.json`; refuses to overwrite an existing bundle.
 
     Args:
         items: the bundle's catalog snapshot in item-index order (row i = item index i + 1) with its encoded features.
+        two_tower, ranker: the retrieval and ranking models; each has `config.to_dict()` and `from_config(dict)`,
+            and its class path is recorded so a bundle can hold any retrieval or ranking model.
     """
     path = Path(root) / check_version(version)
     if (path / MANIFEST).exists():
@@ -61,7 +61,10 @@ def write_bundle(root: str | Path, version: str, space: FeatureSpace, items: pa.
     pq.write_table(items, path / "items.parquet")
     (path / "vocab.json").write_text(space.to_json())
     (path / "config.json").write_text(json.dumps({"two_tower": two_tower.config.to_dict(),
-                                                  "ranker": ranker.config.to_dict(), "train": train_config}, indent=2))
+                                                  "ranker": ranker.config.to_dict(),
+                                                  "classes": {"two_tower": class_path(two_tower),
+                                                              "ranker": class_path(ranker)},
+                                                  "train": train_config}, indent=2))
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     files = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.is_file())
     manifest = {"version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -92,17 +95,20 @@ class Bundle:
                 for c in ("item_idx", "brand_idx", "category_idx", "price_bucket")]
         return ItemFeatures(*cols)
 
-    def two_tower(self) -> TwoTower:
-        model = TwoTower(TwoTowerConfig(**self.config["two_tower"]))
-        model.load_state_dict(torch.load(self.path / "two_tower.pt", weights_only=True))
+    def _model(self, role: str) -> torch.nn.Module:
+        from training.train_loop import build_model  # lazy: the model modules import torch-heavy code
+
+        model = build_model(self.config["classes"][role], self.config[role])
+        model.load_state_dict(torch.load(self.path / f"{role}.pt", weights_only=True))
         return model.eval()
 
-    def ranker(self) -> MultiTaskRanker:
-        cfg = dict(self.config["ranker"])
-        cfg["task_weights"] = tuple(cfg["task_weights"])
-        model = MultiTaskRanker(RankerConfig(**cfg))
-        model.load_state_dict(torch.load(self.path / "ranker.pt", weights_only=True))
-        return model.eval()
+    def two_tower(self) -> torch.nn.Module:
+        """The retrieval model, in eval mode."""
+        return self._model("two_tower")
+
+    def ranker(self) -> torch.nn.Module:
+        """The ranking model, in eval mode."""
+        return self._model("ranker")
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.features import (ACTION_ID, Engagements, FeatureSpace, encode_context, engagements_of, histories_at,
-                               time_ms)
+from training.features import (ACTION_ID, CONTEXT_COLUMNS, Engagements, FeatureSpace, encode_context, engagements_of,
+                               histories_at, time_ms)
 from training.ranker import TASKS
 
 LABEL_WINDOW_MS = 3_600_000  # an action on a shown item within an hour of the view counts as that view's outcome
@@ -41,8 +41,11 @@ class TowerExamples:
 
     hist_items: np.ndarray  # (n, L) int64
     hist_actions: np.ndarray  # (n, L) int64
-    context: np.ndarray  # (n, 3) int64
+    hist_ages: np.ndarray  # (n, L) int64 age buckets at the engagement's time
+    context: np.ndarray  # (n, len(CONTEXT_COLUMNS)) int64
     target: np.ndarray  # (n,) int64 item index
+    user_code: np.ndarray  # (n,) int64 user of the example (code in the engagements' user list)
+    time_ms: np.ndarray  # (n,) int64 time of the engagement
 
     def __len__(self) -> int:
         return len(self.target)
@@ -51,12 +54,23 @@ class TowerExamples:
         return dict(self.__dict__)
 
 
-def _context_of(events: pa.Table, space: FeatureSpace) -> np.ndarray:
-    return encode_context(space, events.column("country").to_pylist(), events.column("device").to_pylist(),
-                          events.column("page").to_pylist())
+def context_of(events: pa.Table, space: FeatureSpace, item_category: np.ndarray | None = None) -> np.ndarray:
+    """Request context of each event: country, device, page, query tokens, and on a category page its category.
+
+    Events carry no category column; on a category page every shown item is of the page's category, so with
+    `item_category` ((n_items + 1,) category index by item index) the item's category stands for the page's.
+    """
+    page = events.column("page").to_pylist()
+    ctx = encode_context(space, events.column("country").to_pylist(), events.column("device").to_pylist(), page,
+                         query=events.column("query").to_pylist())
+    if item_category is not None:
+        on_category_page = np.array([p == "category" for p in page], dtype=bool)
+        item = space.lookup("item_ids", events.column("item_id").to_pylist())
+        ctx[:, 3] = np.where(on_category_page, item_category[item], 0)
+    return ctx
 
 
-def tower_examples(events: pa.Table, space: FeatureSpace) -> TowerExamples:
+def tower_examples(events: pa.Table, space: FeatureSpace, item_category: np.ndarray | None = None) -> TowerExamples:
     """One example per engagement on a known item, with the user's previous `history_len` engagements."""
     eng = engagements_of(events, space)
     mask = pc.is_in(events.column("action"), pa.array(list(ACTION_ID)[1:]))
@@ -65,9 +79,10 @@ def tower_examples(events: pa.Table, space: FeatureSpace) -> TowerExamples:
     user_code = np.fromiter((umap[u] for u in rows.column("user_id").to_pylist()), dtype=np.int64, count=len(rows))
     t = time_ms(rows.column("timestamp"))
     target = space.lookup("item_ids", rows.column("item_id").to_pylist())
-    items, actions = histories_at(eng, user_code, t, space.history_len)
+    items, actions, ages = histories_at(eng, user_code, t, space.history_len)
     keep = target > 0
-    return TowerExamples(items[keep], actions[keep], _context_of(rows, space)[keep], target[keep])
+    return TowerExamples(items[keep], actions[keep], ages[keep], context_of(rows, space, item_category)[keep],
+                         target[keep], user_code[keep], t[keep])
 
 
 @dataclass
@@ -76,7 +91,8 @@ class Impressions:
 
     hist_items: np.ndarray  # (n, L)
     hist_actions: np.ndarray  # (n, L)
-    context: np.ndarray  # (n, 3)
+    hist_ages: np.ndarray  # (n, L) age buckets at the view's time
+    context: np.ndarray  # (n, len(CONTEXT_COLUMNS))
     item: np.ndarray  # (n,)
     position: np.ndarray  # (n,) int64, -1 when not logged
     labels: np.ndarray  # (n, len(TASKS)) float32
@@ -93,15 +109,16 @@ class Impressions:
 
 
 def impressions(events: pa.Table, space: FeatureSpace, history: Engagements, max_rows: int | None = None,
-                seed: int = 0) -> Impressions:
+                seed: int = 0, item_category: np.ndarray | None = None) -> Impressions:
     """Labels every view with the actions (click, wishlist, add to cart, purchase) on that item within the hour.
 
     Args:
         events: events to take views from (and the outcomes of those views).
         history: engagements to build histories from (the training period's, so nothing leaks from the future).
         max_rows: keep a uniform sample of at most this many views (None keeps all).
+        item_category: see `context_of`.
     """
-    cols = ["user_id", "item_id", "timestamp", "action", "position", "country", "device", "page"]
+    cols = ["user_id", "item_id", "timestamp", "action", "position", "country", "device", "page", "query"]
     df = events.select(cols).to_pandas()
     df["t"] = time_ms(events.column("timestamp"))
     views = df[df["action"] == "view"]
@@ -118,14 +135,16 @@ def impressions(events: pa.Table, space: FeatureSpace, history: Engagements, max
     umap = history.user_map
     user_code = np.fromiter((umap.get(u, -1) for u in views["user_id"]), dtype=np.int64, count=len(views))
     t = views["t"].to_numpy(dtype=np.int64)
-    items, actions = histories_at(history, np.maximum(user_code, 0), t, space.history_len)
-    items[user_code < 0] = 0
-    actions[user_code < 0] = 0
+    items, actions, ages = histories_at(history, np.maximum(user_code, 0), t, space.history_len)
+    for a in (items, actions, ages):
+        a[user_code < 0] = 0
     item = space.lookup("item_ids", views["item_id"].tolist())
-    ctx = encode_context(space, views["country"].tolist(), views["device"].tolist(), views["page"].tolist())
+    ctx = context_of(pa.Table.from_pandas(views[["item_id", "country", "device", "page", "query"]],
+                                          preserve_index=False), space, item_category)
     position = views["position"].fillna(-1).to_numpy(dtype=np.int64)
     keep = item > 0
-    return Impressions(items[keep], actions[keep], ctx[keep], item[keep], position[keep], labels[keep], t[keep])
+    return Impressions(items[keep], actions[keep], ages[keep], ctx[keep], item[keep], position[keep], labels[keep],
+                       t[keep])
 
 
 @dataclass
@@ -135,7 +154,8 @@ class EvalSet:
     user_ids: list[str]
     hist_items: np.ndarray  # (n, L) at the cutoff
     hist_actions: np.ndarray  # (n, L)
-    context: np.ndarray  # (n, 3): the user's context at their first test event
+    hist_ages: np.ndarray  # (n, L) age buckets at the cutoff
+    context: np.ndarray  # (n, len(CONTEXT_COLUMNS)): the user's context at their first test event
     targets: list[np.ndarray]  # item indices engaged with after the cutoff and never before
     seen: list[np.ndarray]  # item indices engaged with before the cutoff (excluded from the ranking)
 
@@ -158,12 +178,13 @@ def eval_set(split: TemporalSplit, space: FeatureSpace, max_users: int | None = 
         pick = np.sort(rng.choice(len(candidates), size=max_users, replace=False))
         candidates = [candidates[i] for i in pick]
     codes = np.array([c[0] for c in candidates], dtype=np.int64)
-    items, actions = histories_at(train_eng, codes, np.full(len(codes), split.cutoff_ms, dtype=np.int64),
-                                  space.history_len)
+    items, actions, ages = histories_at(train_eng, codes, np.full(len(codes), split.cutoff_ms, dtype=np.int64),
+                                        space.history_len)
     # Context: the user's first event after the cutoff (their country/device; the page they came back to).
     test_df = split.test.select(["user_id", "country", "device", "page"]).to_pandas().drop_duplicates("user_id")
     first = test_df.set_index("user_id")
     users = [train_eng.users[c] for c in codes]
-    ctx = encode_context(space, first.loc[users, "country"].tolist(), first.loc[users, "device"].tolist(),
-                         first.loc[users, "page"].tolist()) if users else np.zeros((0, 3), dtype=np.int64)
-    return EvalSet(users, items, actions, ctx, [c[1] for c in candidates], [c[2] for c in candidates])
+    ctx = (encode_context(space, first.loc[users, "country"].tolist(), first.loc[users, "device"].tolist(),
+                          first.loc[users, "page"].tolist()) if users
+           else np.zeros((0, len(CONTEXT_COLUMNS)), dtype=np.int64))
+    return EvalSet(users, items, actions, ages, ctx, [c[1] for c in candidates], [c[2] for c in candidates])

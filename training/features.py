@@ -7,6 +7,7 @@ read with the vocabulary it was trained with.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,6 +20,11 @@ from training.schemas import ACTIONS
 ACTION_ID = {a: i + 1 for i, a in enumerate(ACTIONS)}  # 0 = padding
 ENGAGEMENTS = ACTIONS[1:]  # every action but a plain view signals interest; views are impressions
 HISTORY_LEN = 20  # recent engagements a user tower sees: enough to cover 1-4 interests, cheap to pool per request
+N_AGE_BUCKETS = 24  # ages in log2 minutes: bucket 1 is under a minute, bucket 23 is over ~4 years; 0 = padding
+QUERY_TOKENS = 4  # the first 4 tokens of a search query enter the context
+QUERY_BUCKETS = 1024  # tokens are hashed (crc32) into this many buckets, so no query vocabulary is needed
+USER_INPUTS = ("hist_items", "hist_actions", "hist_ages", "context")  # what a user tower or ranker reads, in order
+CONTEXT_COLUMNS = ("country", "device", "page", "category") + tuple(f"query_{i}" for i in range(QUERY_TOKENS))
 
 
 def _vocab(values: Sequence[str]) -> dict[str, int]:
@@ -55,6 +61,8 @@ class FeatureSpace:
             "n_devices": len(self.devices) + 1,
             "n_pages": len(self.pages) + 1,
             "n_actions": len(ACTIONS) + 1,
+            "n_ages": N_AGE_BUCKETS,
+            "n_query_buckets": QUERY_BUCKETS + 1,
         }
 
     def lookup(self, vocab: str, values: Sequence[str | None]) -> np.ndarray:
@@ -173,7 +181,14 @@ def engagements_of(events: pa.Table, space: FeatureSpace, users: Sequence[str] |
     return Engagements(user_code[order], t[order], item[order], action[order], users, key[order])
 
 
-def histories_at(eng: Engagements, user_code: np.ndarray, at_ms: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+def age_bucket(age_ms: np.ndarray) -> np.ndarray:
+    """Age of an action at request time -> bucket 1..N_AGE_BUCKETS-1 (log2 of minutes); negative ages count as 0."""
+    minutes = np.maximum(np.asarray(age_ms, dtype=np.float64), 0.0) / 60_000.0
+    return (1 + np.minimum(np.floor(np.log2(1.0 + minutes)), N_AGE_BUCKETS - 2)).astype(np.int64)
+
+
+def histories_at(eng: Engagements, user_code: np.ndarray, at_ms: np.ndarray,
+                 length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The last `length` engagements of each user strictly before a time, right-aligned (most recent last).
 
     Args:
@@ -182,7 +197,7 @@ def histories_at(eng: Engagements, user_code: np.ndarray, at_ms: np.ndarray, len
         at_ms: (n,) query times in ms.
         length: L, the history length.
     Returns:
-        items (n, L) int64 and actions (n, L) int64, 0 where the user has fewer engagements.
+        items, actions and age buckets (see `age_bucket`), each (n, L) int64, 0 where the user has fewer engagements.
     """
     end = np.searchsorted(eng.key, (user_code << _TIME_BITS) | at_ms, side="left")  # first engagement at/after t
     start = np.searchsorted(eng.key, user_code << _TIME_BITS, side="left")  # the user's first engagement
@@ -191,24 +206,55 @@ def histories_at(eng: Engagements, user_code: np.ndarray, at_ms: np.ndarray, len
     idx = np.where(valid, idx, 0)
     items = np.where(valid, eng.item_idx[idx] if len(eng.item_idx) else 0, 0)
     actions = np.where(valid, eng.action[idx] if len(eng.action) else 0, 0)
-    return items.astype(np.int64), actions.astype(np.int64)
+    ages = np.where(valid, age_bucket(np.asarray(at_ms)[:, None] - eng.time_ms[idx]) if len(eng.time_ms) else 0, 0)
+    return items.astype(np.int64), actions.astype(np.int64), ages.astype(np.int64)
 
 
-def encode_history(space: FeatureSpace, item_ids: Sequence[str], actions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One user's recent engagements (oldest first, strings) as right-aligned (1, L) arrays for the towers."""
+def encode_history(space: FeatureSpace, item_ids: Sequence[str], actions: Sequence[str],
+                   timestamps: Sequence[float] | None = None,
+                   now_s: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One user's recent engagements (oldest first, strings) as right-aligned (1, L) arrays for the towers.
+
+    Args:
+        timestamps: unix seconds of each engagement; with `now_s` they give the age buckets (bucket 1 when absent).
+    Returns:
+        items, actions, age buckets: each (1, L) int64.
+    """
     L = space.history_len
     item_ids, actions = list(item_ids)[-L:], list(actions)[-L:]
     items = np.zeros((1, L), dtype=np.int64)
     acts = np.zeros((1, L), dtype=np.int64)
+    ages = np.zeros((1, L), dtype=np.int64)
     if item_ids:
-        items[0, L - len(item_ids):] = space.lookup("item_ids", item_ids)
-        acts[0, L - len(actions):] = [ACTION_ID.get(a, 0) for a in actions]
+        n = len(item_ids)
+        items[0, L - n:] = space.lookup("item_ids", item_ids)
+        acts[0, L - n:] = [ACTION_ID.get(a, 0) for a in actions]
+        if timestamps is not None and now_s is not None:
+            ts = np.asarray(list(timestamps)[-L:], dtype=np.float64)
+            ages[0, L - n:] = age_bucket((now_s - ts) * 1000.0)
+        else:
+            ages[0, L - n:] = 1
         acts[items == 0] = 0  # items unknown to this bundle carry no signal
-    return items, acts
+        ages[items == 0] = 0
+    return items, acts, ages
+
+
+def query_tokens(queries: Sequence[str | None]) -> np.ndarray:
+    """(n, QUERY_TOKENS) hashed token buckets 1..QUERY_BUCKETS of lower-cased, space-split queries; 0 = none."""
+    out = np.zeros((len(queries), QUERY_TOKENS), dtype=np.int64)
+    for r, q in enumerate(queries):
+        if q:
+            for c, tok in enumerate(q.lower().split()[:QUERY_TOKENS]):
+                out[r, c] = 1 + zlib.crc32(tok.encode()) % QUERY_BUCKETS
+    return out
 
 
 def encode_context(space: FeatureSpace, country: Sequence[str | None], device: Sequence[str | None],
-                   page: Sequence[str | None]) -> np.ndarray:
-    """(n, 3) int64 context indices: country, device, page."""
-    return np.stack([space.lookup("countries", country), space.lookup("devices", device),
-                     space.lookup("pages", page)], axis=1)
+                   page: Sequence[str | None], category: Sequence[str | None] | None = None,
+                   query: Sequence[str | None] | None = None) -> np.ndarray:
+    """(n, len(CONTEXT_COLUMNS)) int64 context indices: country, device, page, category, query token buckets."""
+    n = len(country)
+    cat = space.lookup("categories", category) if category is not None else np.zeros(n, dtype=np.int64)
+    q = query_tokens(query) if query is not None else np.zeros((n, QUERY_TOKENS), dtype=np.int64)
+    return np.concatenate([np.stack([space.lookup("countries", country), space.lookup("devices", device),
+                                     space.lookup("pages", page), cat], axis=1), q], axis=1)

@@ -32,8 +32,8 @@ def two_tower_ranked(model: TwoTower, ev: EvalSet, k: int = max(KS), chunk: int 
     V = torch.from_numpy(item_vectors(model))
     out = []
     for s in range(0, len(ev.user_ids), chunk):
-        u = model.user_tower(torch.from_numpy(ev.hist_items[s:s + chunk]),
-                             torch.from_numpy(ev.hist_actions[s:s + chunk]), torch.from_numpy(ev.context[s:s + chunk]))
+        u = model.user_tower(*(torch.from_numpy(a[s:s + chunk])
+                               for a in (ev.hist_items, ev.hist_actions, ev.hist_ages, ev.context)))
         scores = (u @ V.T).numpy()
         out.append(top_k_excluding(scores, k, ev.seen[s:s + chunk]))
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
@@ -56,9 +56,8 @@ def evaluate_ranker(model: MultiTaskRanker, imp: Impressions, chunk: int = 65536
     """AUC and log-loss per task on held-out impressions."""
     probs = []
     for s in range(0, len(imp), chunk):
-        user = model.encode_user(torch.from_numpy(imp.hist_items[s:s + chunk]),
-                                 torch.from_numpy(imp.hist_actions[s:s + chunk]),
-                                 torch.from_numpy(imp.context[s:s + chunk]))
+        user = model.encode_user(*(torch.from_numpy(a[s:s + chunk])
+                                   for a in (imp.hist_items, imp.hist_actions, imp.hist_ages, imp.context)))
         probs.append(torch.sigmoid(model.score(user, torch.from_numpy(imp.item[s:s + chunk]))).numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, len(TASKS)), dtype=np.float32)
     return {task: {"auc": roc_auc(imp.labels[:, j], p[:, j]), "log_loss": log_loss(imp.labels[:, j], p[:, j]),

@@ -15,7 +15,7 @@ from training.metrics import popularity_counts
 from training.offline_eval import evaluate_ranker, evaluate_retrieval
 from training.ranker import RankerConfig
 from training.schemas import read_shop, snapshot_id
-from training.train_loop import TrainConfig, build_model, fit_on_ray
+from training.train_loop import RANKER, TWO_TOWER, FitSpec, TrainConfig, build_model, fit_on_ray
 from training.two_tower import TwoTowerConfig
 
 
@@ -46,10 +46,11 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
 
     feats = item_feature_table(shop.catalog, space)
     lookups = {"item_brand": feats.brand_idx, "item_category": feats.category_idx, "item_price": feats.price_bucket}
-    tower_data = tower_examples(split.train, space)
+    tower_data = tower_examples(split.train, space, feats.category_idx)
     history = engagements_of(split.train, space)
     popularity = popularity_counts(history.item_idx, space.n_items)
-    ranker_data = impressions(split.train, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed)
+    ranker_data = impressions(split.train, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
+                              item_category=feats.category_idx)
     _log(f"{len(tower_data):,} two-tower examples, {len(ranker_data):,} ranker impressions")
 
     sizes = space.sizes
@@ -57,22 +58,24 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     ranker_cfg = RankerConfig(**sizes)
     tower_inputs = tower_data.as_dict() | lookups | {"item_counts": np.bincount(tower_data.target,
                                                                                 minlength=space.n_items + 1)}
-    tower_state, tower_hist = fit_on_ray("two_tower", tower_cfg.to_dict(), tower_inputs,
-                                         ["hist_items", "hist_actions", "context", "target"], cfg,
-                                         f"{version}-two_tower")
-    ranker_state, ranker_hist = fit_on_ray("ranker", ranker_cfg.to_dict(), ranker_data.as_dict() | lookups,
-                                           ["hist_items", "hist_actions", "context", "item", "labels"], cfg,
-                                           f"{version}-ranker")
-    tower = build_model("two_tower", tower_cfg.to_dict())
+    tower_spec = FitSpec(TWO_TOWER, tower_cfg.to_dict(), ("hist_items", "hist_actions", "hist_ages", "context", "target"),
+                         cfg.tower_epochs, cfg.tower_batch_size, cfg.tower_lr)
+    ranker_spec = FitSpec(RANKER, ranker_cfg.to_dict(),
+                          ("hist_items", "hist_actions", "hist_ages", "context", "item", "labels"),
+                          cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr)
+    tower_state, tower_hist = fit_on_ray(tower_spec, tower_inputs, cfg, f"{version}-two_tower")
+    ranker_state, ranker_hist = fit_on_ray(ranker_spec, ranker_data.as_dict() | lookups, cfg, f"{version}-ranker")
+    tower = build_model(tower_spec.model, tower_spec.model_config)
     tower.load_state_dict(tower_state)
-    ranker = build_model("ranker", ranker_cfg.to_dict())
+    ranker = build_model(ranker_spec.model, ranker_spec.model_config)
     ranker.load_state_dict(ranker_state)
 
     _log("evaluating on the held-out split")
     ev = eval_set(split, space, max_users=cfg.eval_users, seed=cfg.seed)
     with torch.inference_mode():
         retrieval = evaluate_retrieval(tower.eval(), popularity, ev)
-        test_imp = impressions(shop.events, space, history, max_rows=200_000, seed=cfg.seed)
+        test_imp = impressions(shop.events, space, history, max_rows=200_000, seed=cfg.seed,
+                               item_category=feats.category_idx)
         # Views after the cutoff, with histories frozen at the cutoff so nothing leaks from the test period.
         ranking = evaluate_ranker(ranker.eval(), test_imp.subset(test_imp.time_ms >= split.cutoff_ms))
     metrics = {"retrieval": retrieval, "ranking": ranking, "eval_users": len(ev.user_ids),

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding, masked_mean
+
 TASKS = ("click", "wishlist", "add_to_cart", "purchase")
 
 
@@ -26,6 +28,8 @@ class RankerConfig:
     n_devices: int
     n_pages: int
     n_actions: int
+    n_ages: int
+    n_query_buckets: int
     dim: int = 32  # per-feature embedding size: the ranker sees few features, 32 is plenty on CPU
     hidden: int = 128
     # Weights of the per-task probabilities in the ordering score; purchase counts most because it is the
@@ -34,6 +38,10 @@ class RankerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankerConfig":
+        return cls(**(dict(d) | {"task_weights": tuple(d.get("task_weights", (1.0, 0.5, 1.0, 2.0)))}))
 
 
 class MultiTaskRanker(nn.Module):
@@ -44,42 +52,36 @@ class MultiTaskRanker(nn.Module):
         c = config
         self.config = c
         D = c.dim
-        self.item_emb = nn.Embedding(c.n_items, D, padding_idx=0)
-        self.brand_emb = nn.Embedding(c.n_brands, D, padding_idx=0)
-        self.category_emb = nn.Embedding(c.n_categories, D, padding_idx=0)
-        self.price_emb = nn.Embedding(c.n_price_buckets, D, padding_idx=0)
-        self.action_emb = nn.Embedding(c.n_actions, D, padding_idx=0)
-        self.country_emb = nn.Embedding(c.n_countries, D, padding_idx=0)
-        self.device_emb = nn.Embedding(c.n_devices, D, padding_idx=0)
-        self.page_emb = nn.Embedding(c.n_pages, D, padding_idx=0)
-        for name in ("item_brand", "item_category", "item_price"):
-            self.register_buffer(name, torch.zeros(c.n_items, dtype=torch.long))
+        self.items = ItemEmbedding(c.n_items, c.n_brands, c.n_categories, c.n_price_buckets, D)
+        self.sequence = SequenceEmbedding(self.items, c.n_actions, c.n_ages, D)
+        self.context = ContextEmbedding(c.n_countries, c.n_devices, c.n_pages, c.n_categories, c.n_query_buckets, D)
         self.user_proj = nn.Linear(2 * D, D)
         self.item_proj = nn.Linear(4 * D, D)
         # Input: user, item and their elementwise product (a cheap explicit interaction).
         self.head = nn.Sequential(nn.Linear(3 * D, c.hidden), nn.GELU(), nn.Linear(c.hidden, len(TASKS)))
         self.register_buffer("task_weights", torch.tensor(c.task_weights, dtype=torch.float32))
 
-    def set_item_features(self, brand: torch.Tensor, category: torch.Tensor, price: torch.Tensor) -> None:
-        """Fills the lookup buffers, each (n_items,) indexed by item index."""
-        self.item_brand.copy_(brand)
-        self.item_category.copy_(category)
-        self.item_price.copy_(price)
+    @classmethod
+    def from_config(cls, d: dict) -> "MultiTaskRanker":
+        return cls(RankerConfig.from_dict(d))
 
-    def encode_user(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """(B, L), (B, L), (B, 3) -> (B, D): history and context, computed once per request."""
-        h = (self.item_emb(hist_items) + self.brand_emb(self.item_brand[hist_items])
-             + self.category_emb(self.item_category[hist_items]) + self.action_emb(hist_actions))  # (B, L, D)
-        mask = (hist_actions > 0).unsqueeze(-1).float()
-        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D)
-        ctx = self.country_emb(context[:, 0]) + self.device_emb(context[:, 1]) + self.page_emb(context[:, 2])
-        return self.user_proj(torch.cat([pooled, ctx], dim=-1))
+    def prepare(self, data: dict) -> None:
+        """Fills the item lookups from the training arrays (see `training.train_loop`)."""
+        self.set_item_features(*(torch.from_numpy(np.asarray(data[k]))
+                                 for k in ("item_brand", "item_category", "item_price")))
+
+    def set_item_features(self, brand: torch.Tensor, category: torch.Tensor, price: torch.Tensor) -> None:
+        self.items.set_item_features(brand, category, price)
+
+    def encode_user(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
+                    context: torch.Tensor) -> torch.Tensor:
+        """(B, L) x3, (B, C) -> (B, D): history and context, computed once per request."""
+        pooled = masked_mean(*self.sequence(hist_items, hist_actions, hist_ages))  # (B, D)
+        return self.user_proj(torch.cat([pooled, self.context(context)], dim=-1))
 
     def encode_items(self, item: torch.Tensor) -> torch.Tensor:
         """(...,) item indices -> (..., D)."""
-        x = torch.cat([self.item_emb(item), self.brand_emb(self.item_brand[item]),
-                       self.category_emb(self.item_category[item]), self.price_emb(self.item_price[item])], dim=-1)
-        return self.item_proj(x)
+        return self.item_proj(torch.cat(self.items.parts(item), dim=-1))
 
     def score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Task logits for each candidate.
@@ -97,27 +99,27 @@ class MultiTaskRanker(nn.Module):
         """(N, T) logits -> (N,) ordering score: task-weighted sum of probabilities."""
         return torch.sigmoid(logits) @ self.task_weights
 
-    def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, context: torch.Tensor,
-                item: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
+                context: torch.Tensor, item: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean binary cross-entropy over tasks for (B,) impressions with (B, T) labels; returns a scalar."""
-        logits = self.score(self.encode_user(hist_items, hist_actions, context), item)
+        logits = self.score(self.encode_user(hist_items, hist_actions, hist_ages, context), item)
         return F.binary_cross_entropy_with_logits(logits, labels)
 
 
 @torch.inference_mode()
-def score_candidates(model: MultiTaskRanker, hist_items: np.ndarray, hist_actions: np.ndarray, context: np.ndarray,
-                     candidates: list[np.ndarray]) -> list[np.ndarray]:
+def score_candidates(model: MultiTaskRanker, hist_items: np.ndarray, hist_actions: np.ndarray, hist_ages: np.ndarray,
+                     context: np.ndarray, candidates: list[np.ndarray]) -> list[np.ndarray]:
     """Ordering scores for several requests' candidate lists in one forward pass.
 
     Each request's history is encoded once and shared by all its candidates.
 
     Args:
-        hist_items, hist_actions: (B, L) per request; context: (B, 3).
+        hist_items, hist_actions, hist_ages: (B, L) per request; context: (B, C).
         candidates: B arrays of item indices, any lengths.
     Returns:
         B float32 arrays of combined scores, aligned with `candidates`.
     """
-    user = model.encode_user(torch.tensor(hist_items), torch.tensor(hist_actions),
+    user = model.encode_user(torch.tensor(hist_items), torch.tensor(hist_actions), torch.tensor(hist_ages),
                              torch.tensor(context))  # (B, D), once per request
     lengths = [len(c) for c in candidates]
     owner = torch.from_numpy(np.repeat(np.arange(len(candidates)), lengths))  # (N,) request of each candidate

@@ -226,6 +226,38 @@ def _make_sessions(size: ShopSize, rng: np.random.Generator, cat: dict, usr: dic
                 position=position)
 
 
+def _popularity_z(popularity: np.ndarray) -> np.ndarray:
+    logpop = np.log(popularity)
+    return (logpop - logpop.mean()) / logpop.std()
+
+
+def _relevance(user_vec: np.ndarray, item_latent: np.ndarray, pop_z: np.ndarray) -> np.ndarray:
+    """The click probability of an examined item: sigmoid(A * <interest, item> + B * popularity z + C)."""
+    match = np.einsum("...d,...d->...", user_vec, item_latent)
+    return 1.0 / (1.0 + np.exp(-(RELEVANCE_A * match + RELEVANCE_B * pop_z + RELEVANCE_C)))
+
+
+def true_relevance(hidden: dict[str, np.ndarray], user: np.ndarray, item: np.ndarray,
+                   interest: np.ndarray | None = None) -> np.ndarray:
+    """The generator's relevance r(user, item) in [0, 1], the click probability once an item is examined.
+
+    Args:
+        hidden: a synthetic shop's `hidden` arrays.
+        user, item: row indices into the users and catalog tables (item index - 1), broadcastable.
+        interest: the session's interest slot; None gives the interest-weighted expectation over the user's interests.
+    Returns:
+        r with the broadcast shape of `user` and `item`.
+    """
+    user, item = np.asarray(user), np.asarray(item)
+    vec, latent = hidden["user_interest_vec"], hidden["item_latent"]
+    pop_z = _popularity_z(hidden["item_popularity"])[item]
+    if interest is not None:
+        return _relevance(vec[user, np.asarray(interest)], latent[item], pop_z)
+    weight = hidden["user_interest_weight"][user]  # (..., 4), zero for unused slots
+    r = np.stack([_relevance(vec[user, j], latent[item], pop_z) for j in range(vec.shape[1])], axis=-1)
+    return (r * weight[..., :]).sum(-1) / weight.sum(-1)
+
+
 def _make_events(rng: np.random.Generator, cat: dict, usr: dict, ses: dict, eta: float) -> pa.Table:
     S, K = ses["item"].shape
     s_idx, k_idx = np.nonzero(ses["valid"])  # row-major: grouped by session, in display order
@@ -234,10 +266,7 @@ def _make_events(rng: np.random.Generator, cat: dict, usr: dict, ses: dict, eta:
     user = ses["user"][s_idx]
     view_t = ses["time"][s_idx] + position * 1_500  # a scan of ~1.5 s per slot
 
-    logpop = np.log(cat["popularity"])
-    pop_z = (logpop - logpop.mean()) / logpop.std()
-    match = np.einsum("nd,nd->n", usr["vec"][user, ses["slot"][s_idx]], cat["latent"][item])
-    r = 1.0 / (1.0 + np.exp(-(RELEVANCE_A * match + RELEVANCE_B * pop_z[item] + RELEVANCE_C)))
+    r = _relevance(usr["vec"][user, ses["slot"][s_idx]], cat["latent"][item], _popularity_z(cat["popularity"])[item])
     click = rng.random(len(item)) < r * position_bias(position, eta)
     wish = click & (rng.random(len(item)) < P_WISHLIST)
     cart = click & (rng.random(len(item)) < P_CART_SCALE * r)
@@ -290,7 +319,8 @@ def generate_shop(size: str | ShopSize, seed: int = 0) -> Shop:
         A validated `Shop` whose `hidden` holds the ground truth: "item_latent" (n_items, 16) float32,
         "user_interest_category"/"user_interest_brand" (n_users, 4) int32 (-1 = unused/none),
         "user_interest_weight" (n_users, 4) float32, "user_n_interests" (n_users,) int32,
-        "category_centre" (n_categories, 16) float32.
+        "category_centre" (n_categories, 16) float32, "user_interest_vec" (n_users, 4, 16) float32 and
+        "item_popularity" (n_items,) float64; `true_relevance` turns them into the generator's r(user, item).
 
     Raises:
         ValueError: unknown size name.
@@ -325,6 +355,8 @@ def generate_shop(size: str | ShopSize, seed: int = 0) -> Shop:
         "user_interest_weight": usr["weight"],
         "user_n_interests": usr["n_interests"],
         "category_centre": cat["centre"].astype(np.float32),
+        "user_interest_vec": usr["vec"].astype(np.float32),
+        "item_popularity": cat["popularity"].astype(np.float64),
     }
     return Shop(
         catalog=validate_table(cat["table"], CATALOG_SCHEMA, "synthetic catalog"),

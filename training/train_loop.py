@@ -1,10 +1,12 @@
 """Ray Train loops: data-parallel (DDP) training of the two-tower model and the ranker on N workers.
 
-The loop is one function for both models: the worker gets the model kind, its config and an object-store reference
-to the example arrays, takes its shard by rank, and reports loss and throughput each epoch with a checkpoint.
+The loop is one function for every model: the worker gets the model class by name ("module:Class"), its config and
+an object-store reference to the example arrays, takes its shard by rank, and reports loss and throughput each
+epoch with a checkpoint (weights, optimiser state, epoch) from which an interrupted run resumes.
 """
 from __future__ import annotations
 
+import importlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -13,9 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from training.ranker import MultiTaskRanker, RankerConfig
-from training.two_tower import TwoTower, TwoTowerConfig
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -37,19 +37,47 @@ class TrainConfig:
     eval_users: int = 5000
     seed: int = 0
     storage_path: str = "runs"  # Ray Train checkpoints; must be shared storage on a multi-node cluster
+    progress: bool = True  # a tqdm bar per epoch on rank 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def build_model(kind: str, model_config: dict) -> TwoTower | MultiTaskRanker:
-    if kind == "two_tower":
-        return TwoTower(TwoTowerConfig(**model_config))
-    if kind == "ranker":
-        cfg = dict(model_config)
-        cfg["task_weights"] = tuple(cfg["task_weights"])
-        return MultiTaskRanker(RankerConfig(**cfg))
-    raise ValueError(f"unknown model kind {kind!r}; expected 'two_tower' or 'ranker'")
+@dataclass(frozen=True)
+class FitSpec:
+    """What one `fit_on_ray` call trains: the model class, its config, and the optimisation schedule."""
+
+    model: str  # "module:Class"; the class has `from_config(dict)`, optional `prepare(data)`, and forward -> loss
+    model_config: dict
+    inputs: tuple[str, ...]  # keys of the data arrays passed to forward, in order, one row per example
+    epochs: int
+    batch_size: int  # per worker
+    lr: float
+
+
+TWO_TOWER = "training.two_tower:TwoTower"
+RANKER = "training.ranker:MultiTaskRanker"
+
+
+def build_model(model: str, model_config: dict) -> torch.nn.Module:
+    """Instantiates "module:Class" from its config dict (workers import the class by name)."""
+    module, _, name = model.partition(":")
+    if not module or not name:
+        raise ValueError(f"model must be 'module:Class', got {model!r}")
+    cls = getattr(importlib.import_module(module), name)
+    return cls.from_config(model_config)
+
+
+def _latest_checkpoint_state() -> tuple[dict | None, int]:
+    """(state dicts, epochs done) from the run's latest checkpoint when Ray Train restores a run, else (None, 0)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, 0
+    with ckpt.as_directory() as d:
+        saved = torch.load(Path(d) / "state.pt", weights_only=False)
+    return saved, int(saved["epoch"])
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -58,26 +86,32 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    kind, epochs, batch_size, lr = config["kind"], config["epochs"], config["batch_size"], config["lr"]
+    epochs, batch_size, lr = config["epochs"], config["batch_size"], config["lr"]
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])  # same init on every rank; DDP also broadcasts rank 0's weights
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data: dict[str, np.ndarray] = ray.get(config["data"])  # [1] every worker reads the arrays from the object store
-    model = build_model(kind, config["model_config"])
-    model.set_item_features(*(torch.from_numpy(np.array(data[k])) for k in ("item_brand", "item_category", "item_price")))
-    if kind == "two_tower":
-        model.set_sampling_log_q(torch.from_numpy(np.array(data["item_counts"])))
-    model = ray.train.torch.prepare_model(model)  # [2] DDP (gloo on CPU, nccl on GPU) and device placement
-    device = ray.train.torch.get_device()
+    model = build_model(config["model"], config["model_config"])
+    if hasattr(model, "prepare"):
+        model.prepare(data)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    saved, start_epoch = _latest_checkpoint_state()  # [2] resume: weights, optimiser and epoch of the last report
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+    model = ray.train.torch.prepare_model(model)  # [3] DDP (gloo on CPU, nccl on GPU) and device placement
+    device = ray.train.torch.get_device()
     inputs = config["inputs"]
     n = len(data[inputs[0]])
     steps = max(1, n // (batch_size * world))  # equal steps on every rank, or DDP waits on a missing all-reduce
-    for epoch in range(epochs):
+    name = config["model"].rpartition(":")[2]
+    for epoch in range(start_epoch, epochs):
         order = np.random.default_rng(config["seed"] + epoch).permutation(n)[rank::world]
         model.train()
         t0, total = time.perf_counter(), 0.0
+        bar = tqdm(total=steps, desc=f"{name} epoch {epoch + 1}/{epochs}", disable=rank != 0 or not config["progress"],
+                   mininterval=5.0, unit="step")
         for s in range(steps):
             idx = order[s * batch_size:(s + 1) * batch_size]
             batch = [torch.from_numpy(data[k][idx]).to(device) for k in inputs]
@@ -86,31 +120,36 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             opt.step()
             total += loss.item()
+            bar.update(1)
+        bar.close()
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "loss": total / steps, "seconds": seconds,
-                   "examples_per_s": steps * batch_size * world / seconds}
+                   "examples_per_s": steps * batch_size * world / seconds, "workers": world}
         if rank == 0:
-            print(f"[{kind}] epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
+            print(f"[{name}] epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
                   f"{metrics['examples_per_s']:,.0f} examples/s on {world} workers", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                torch.save(getattr(model, "module", model).state_dict(), Path(tmp) / "model.pt")
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [3] checkpoint
+                torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
+                            "epoch": epoch + 1}, Path(tmp) / "state.pt")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [4] checkpoint
         else:
             ray.train.report(metrics)
 
 
-def fit_on_ray(kind: str, model_config: dict, data: dict[str, np.ndarray], inputs: list[str], cfg: TrainConfig,
+def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
                run_name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Trains one model with `TorchTrainer` and returns its final state dict and the per-epoch metrics."""
+    """Trains one model with `TorchTrainer` and returns its final state dict and the per-epoch metrics.
+
+    A run of the same `run_name` under `cfg.storage_path` that stopped early resumes from its last checkpoint: Ray
+    Train hands the loop that checkpoint through `ray.train.get_checkpoint()`.
+    """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    epochs, batch_size, lr = ((cfg.tower_epochs, cfg.tower_batch_size, cfg.tower_lr) if kind == "two_tower"
-                              else (cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr))
-    loop_config = {"kind": kind, "model_config": model_config, "data": ray.put(data), "inputs": inputs,
-                   "epochs": epochs, "batch_size": batch_size, "lr": lr, "threads": cfg.threads_per_worker,
-                   "seed": cfg.seed}
+    loop_config = {"model": spec.model, "model_config": spec.model_config, "data": ray.put(data),
+                   "inputs": list(spec.inputs), "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
+                   "threads": cfg.threads_per_worker, "seed": cfg.seed, "progress": cfg.progress}
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -121,8 +160,8 @@ def fit_on_ray(kind: str, model_config: dict, data: dict[str, np.ndarray], input
     )
     result = trainer.fit()
     if result.error is not None:
-        raise RuntimeError(f"training {kind} failed: {result.error}") from result.error
+        raise RuntimeError(f"training {spec.model} failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "model.pt", weights_only=True)
+        state = torch.load(Path(d) / "state.pt", weights_only=False)["model"]
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [result.metrics]
     return state, history

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding, masked_mean
+
+ITEM_LOOKUPS = ("item_brand", "item_category", "item_price")  # training arrays that fill the item buffers
 
 
 @dataclass(frozen=True)
@@ -25,12 +30,18 @@ class TwoTowerConfig:
     n_devices: int
     n_pages: int
     n_actions: int
+    n_ages: int
+    n_query_buckets: int
     dim: int = 64  # output dimension: 64 floats per item keep a 1M-item flat index at 256 MB
     hidden: int = 128
     temperature: float = 0.1  # best of 0.05 / 0.1 on the demo shop's held-out NDCG@10
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TwoTowerConfig":
+        return cls(**d)
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
@@ -40,8 +51,8 @@ def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
 class TwoTower(nn.Module):
     """User and item towers sharing the item id, brand and category tables.
 
-    The item attributes of history items are looked up from buffers (`item_brand`, ...) filled from the bundle's
-    catalog, so a request only needs the item ids of the user's recent actions.
+    The item attributes of history items are looked up from buffers filled from the bundle's catalog, so a request
+    only needs the item ids of the user's recent actions.
     """
 
     def __init__(self, config: TwoTowerConfig) -> None:
@@ -49,29 +60,25 @@ class TwoTower(nn.Module):
         c = config
         self.config = c
         D = c.dim
-        self.item_emb = nn.Embedding(c.n_items, D, padding_idx=0)
-        self.brand_emb = nn.Embedding(c.n_brands, D, padding_idx=0)
-        self.category_emb = nn.Embedding(c.n_categories, D, padding_idx=0)
-        self.price_emb = nn.Embedding(c.n_price_buckets, D, padding_idx=0)
-        self.action_emb = nn.Embedding(c.n_actions, D, padding_idx=0)
-        self.country_emb = nn.Embedding(c.n_countries, D, padding_idx=0)
-        self.device_emb = nn.Embedding(c.n_devices, D, padding_idx=0)
-        self.page_emb = nn.Embedding(c.n_pages, D, padding_idx=0)
+        self.items = ItemEmbedding(c.n_items, c.n_brands, c.n_categories, c.n_price_buckets, D)
+        self.sequence = SequenceEmbedding(self.items, c.n_actions, c.n_ages, D)
+        self.context = ContextEmbedding(c.n_countries, c.n_devices, c.n_pages, c.n_categories, c.n_query_buckets, D)
         self.item_mlp = _mlp(4 * D, c.hidden, D)
         self.user_mlp = _mlp(2 * D, c.hidden, D)
-        for name in ("item_brand", "item_category", "item_price"):
-            self.register_buffer(name, torch.zeros(c.n_items, dtype=torch.long))
         # log q(item): the item's share of training targets, i.e. its chance to appear as an in-batch negative.
         self.register_buffer("item_log_q", torch.zeros(c.n_items))
-        for emb in (self.item_emb, self.brand_emb, self.category_emb, self.price_emb, self.action_emb,
-                    self.country_emb, self.device_emb, self.page_emb):
-            nn.init.normal_(emb.weight, std=0.1)
+
+    @classmethod
+    def from_config(cls, d: dict) -> "TwoTower":
+        return cls(TwoTowerConfig.from_dict(d))
+
+    def prepare(self, data: dict) -> None:
+        """Fills item lookups and log q from the training arrays (see `training.train_loop`)."""
+        self.set_item_features(*(torch.from_numpy(np.asarray(data[k])) for k in ITEM_LOOKUPS))
+        self.set_sampling_log_q(torch.from_numpy(np.asarray(data["item_counts"])))
 
     def set_item_features(self, brand: torch.Tensor, category: torch.Tensor, price: torch.Tensor) -> None:
-        """Fills the lookup buffers, each (n_items,) indexed by item index."""
-        self.item_brand.copy_(brand)
-        self.item_category.copy_(category)
-        self.item_price.copy_(price)
+        self.items.set_item_features(brand, category, price)
 
     def set_sampling_log_q(self, counts: torch.Tensor) -> None:
         """Sets log q from (n_items,) training target counts (add-one smoothed)."""
@@ -81,33 +88,28 @@ class TwoTower(nn.Module):
     def item_tower(self, item: torch.Tensor, brand: torch.Tensor, category: torch.Tensor,
                    price: torch.Tensor) -> torch.Tensor:
         """(B,) index tensors -> (B, D) unit vectors. item = 0 (unknown) still embeds from its attributes."""
-        x = torch.cat([self.item_emb(item), self.brand_emb(brand), self.category_emb(category),
-                       self.price_emb(price)], dim=-1)  # (B, 4D)
-        return F.normalize(self.item_mlp(x), dim=-1)
+        return F.normalize(self.item_mlp(torch.cat(self.items.explicit_parts(item, brand, category, price), dim=-1)),
+                           dim=-1)
 
     def item_tower_by_index(self, item: torch.Tensor) -> torch.Tensor:
-        """(B,) item indices of the bundle's catalog -> (B, D)."""
-        return self.item_tower(item, self.item_brand[item], self.item_category[item], self.item_price[item])
+        """(B,) item indices of the bundle's catalog -> (B, D) unit vectors."""
+        return F.normalize(self.item_mlp(torch.cat(self.items.parts(item), dim=-1)), dim=-1)
 
-    def user_tower(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def user_tower(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
+                   context: torch.Tensor) -> torch.Tensor:
         """Mean-pooled engagements plus context -> (B, D) unit vectors.
 
         Args:
-            hist_items: (B, L) item indices, 0 = padding.
-            hist_actions: (B, L) action ids, 0 = padding.
-            context: (B, 3) country, device, page indices.
+            hist_items, hist_actions, hist_ages: (B, L) indices, 0 = padding.
+            context: (B, C) context indices (`training.features.CONTEXT_COLUMNS`).
         """
-        h = (self.item_emb(hist_items) + self.brand_emb(self.item_brand[hist_items])
-             + self.category_emb(self.item_category[hist_items]) + self.action_emb(hist_actions))  # (B, L, D)
-        mask = (hist_actions > 0).unsqueeze(-1).float()  # (B, L, 1)
-        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D)
-        ctx = self.country_emb(context[:, 0]) + self.device_emb(context[:, 1]) + self.page_emb(context[:, 2])
-        return F.normalize(self.user_mlp(torch.cat([pooled, ctx], dim=-1)), dim=-1)
+        pooled = masked_mean(*self.sequence(hist_items, hist_actions, hist_ages))  # (B, D)
+        return F.normalize(self.user_mlp(torch.cat([pooled, self.context(context)], dim=-1)), dim=-1)
 
-    def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, context: torch.Tensor,
-                target: torch.Tensor) -> torch.Tensor:
+    def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
+                context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """In-batch softmax loss for a batch of (user state, engaged item) pairs; returns a scalar."""
-        u = self.user_tower(hist_items, hist_actions, context)  # (B, D)
+        u = self.user_tower(hist_items, hist_actions, hist_ages, context)  # (B, D)
         v = self.item_tower_by_index(target)  # (B, D)
         return in_batch_softmax_loss(u, v, target, self.config.temperature, self.item_log_q[target])
 

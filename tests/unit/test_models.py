@@ -1,28 +1,28 @@
-"""Model shapes, losses and the request-time contracts of the towers and the ranker."""
+"""Two-tower shapes, losses and request-time contracts."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from training.ranker import TASKS, MultiTaskRanker, RankerConfig, score_candidates
 from training.two_tower import TwoTower, TwoTowerConfig, in_batch_softmax_loss
 
 SIZES = dict(n_items=101, n_brands=11, n_categories=6, n_price_buckets=12, n_countries=4, n_devices=4, n_pages=4,
-             n_actions=6)
+             n_actions=6, n_ages=24, n_query_buckets=1025)
 
 
 def _batch(B=8, L=5, seed=0):
+    """items, actions, ages (B, L) and a context of B rows with a category and a query token."""
     g = torch.Generator().manual_seed(seed)
     items = torch.randint(1, 101, (B, L), generator=g)
     actions = torch.randint(1, 6, (B, L), generator=g)
-    ctx = torch.randint(0, 4, (B, 3), generator=g)
-    return items, actions, ctx
+    ages = torch.randint(1, 24, (B, L), generator=g)
+    ctx = torch.cat([torch.randint(0, 4, (B, 4), generator=g), torch.randint(0, 1025, (B, 4), generator=g)], dim=1)
+    return items, actions, ages, ctx
 
 
 def test_towers_return_unit_vectors_of_the_configured_dimension():
     model = TwoTower(TwoTowerConfig(**SIZES, dim=16))
-    items, actions, ctx = _batch()
-    u = model.user_tower(items, actions, ctx)
+    u = model.user_tower(*_batch())
     v = model.item_tower_by_index(torch.arange(1, 9))
     assert u.shape == (8, 16) and v.shape == (8, 16)
     torch.testing.assert_close(u.norm(dim=-1), torch.ones(8))
@@ -31,11 +31,10 @@ def test_towers_return_unit_vectors_of_the_configured_dimension():
 
 def test_padding_positions_do_not_change_the_user_vector():
     model = TwoTower(TwoTowerConfig(**SIZES, dim=16)).eval()
-    items, actions, ctx = _batch(B=1)
-    padded_items = torch.cat([torch.zeros(1, 3, dtype=torch.long), items], dim=1)
-    padded_actions = torch.cat([torch.zeros(1, 3, dtype=torch.long), actions], dim=1)
-    torch.testing.assert_close(model.user_tower(items, actions, ctx),
-                               model.user_tower(padded_items, padded_actions, ctx))
+    items, actions, ages, ctx = _batch(B=1)
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    torch.testing.assert_close(model.user_tower(items, actions, ages, ctx),
+                               model.user_tower(*(torch.cat([pad, x], dim=1) for x in (items, actions, ages)), ctx))
 
 
 def test_in_batch_softmax_is_lower_when_users_point_at_their_own_items_and_masks_duplicates():
@@ -56,37 +55,15 @@ def test_two_tower_learns_a_user_to_item_association():
     # User state "engaged with item j" -> target item j + 50: a pattern that only training can find.
     hist = torch.arange(1, 41).unsqueeze(1)
     acts = torch.ones_like(hist)
-    ctx = torch.zeros(40, 3, dtype=torch.long)
+    ctx = torch.zeros(40, 8, dtype=torch.long)
     target = hist.squeeze(1) + 50
-    first = model(hist, acts, ctx, target).item()
+    first = model(hist, acts, acts, ctx, target).item()
     for _ in range(150):
-        loss = model(hist, acts, ctx, target)
+        loss = model(hist, acts, acts, ctx, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first
-
-
-def test_ranker_scores_every_task_and_combines_them_with_the_task_weights():
-    model = MultiTaskRanker(RankerConfig(**SIZES)).eval()
-    items, actions, ctx = _batch(B=4)
-    logits = model.score(model.encode_user(items, actions, ctx), torch.arange(1, 5))
-    assert logits.shape == (4, len(TASKS))
-    expected = torch.sigmoid(logits) @ torch.tensor(model.config.task_weights)
-    torch.testing.assert_close(model.combined(logits), expected)
-
-
-def test_history_encoded_once_per_request_gives_the_same_scores_as_per_candidate_scoring():
-    model = MultiTaskRanker(RankerConfig(**SIZES)).eval()
-    items, actions, ctx = _batch(B=2)
-    cands = [np.array([3, 7, 9, 11]), np.array([5, 6])]
-    batched = score_candidates(model, items.numpy(), actions.numpy(), ctx.numpy(), cands)
-    with torch.inference_mode():
-        for r, c in enumerate(cands):
-            for j, item in enumerate(c):
-                user = model.encode_user(items[r:r + 1], actions[r:r + 1], ctx[r:r + 1])
-                single = model.combined(model.score(user, torch.tensor([item])))
-                assert abs(single.item() - batched[r][j]) < 1e-5
 
 
 def test_logq_correction_subtracts_each_columns_log_sampling_probability():
