@@ -33,14 +33,14 @@ def timed(fn, n: int) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "runs": n}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bundle", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("bench/results/stages.json"))
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--candidates", type=int, default=500)
     p.add_argument("--shards", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     bundle_dir = args.bundle or next(iter(sorted(Path("bundles").glob("*/v1"))), None)
     if bundle_dir is None:
         raise SystemExit("bench: no bundle found under bundles/; run `make demo` first or pass --bundle")

@@ -1,4 +1,4 @@
-"""The `recsys` command line: generate, train, index, serve, demo."""
+"""The `recsys` command line: generate, train, index, eval, bench, serve, demo."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,15 @@ def _demo(args: argparse.Namespace, keep_serving: bool = False) -> None:
     run_demo(load_config(args.config), keep_serving=keep_serving)
 
 
+BENCHMARKS = ("stages", "ranking", "policy", "training")  # modules of bench/, each with main(argv)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import importlib
+
+    importlib.import_module(f"bench.{args.name}").main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -74,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--shards", type=int, default=None)
     i.add_argument("--config", default=None)
     i.set_defaults(func=_index)
+
+    b = sub.add_parser("bench", help="run a benchmark of bench/ (its own options follow, e.g. --out FILE.json)")
+    b.add_argument("name", choices=BENCHMARKS)
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see recsys bench NAME --help)")
+    b.set_defaults(func=_bench)
 
     for name, keep in (("demo", False), ("serve", True)):
         d = sub.add_parser(name, help="data, training, indexing, serving and real HTTP requests" if not keep
