@@ -28,6 +28,7 @@ class RecommendRequest(BaseModel):
     context: RequestContext = Field(default_factory=RequestContext)
     policy: dict[str, Any] | None = None  # overrides of the deployment's PolicyConfig for this request
     version: str | None = Field(None, max_length=40)  # force a live version instead of the weighted split
+    request_id: str | None = Field(None, min_length=1, max_length=128)  # seeds exploration; the same id, the same draw
 
 
 class RecommendedItem(BaseModel):
@@ -40,6 +41,7 @@ class RecommendedItem(BaseModel):
 
 class RecommendResponse(BaseModel):
     user_id: str
+    request_id: str | None = None  # send it back to reproduce this answer's exploration
     version: str
     cold_start: bool
     items: list[RecommendedItem]
@@ -74,3 +76,16 @@ class LiveVersion(BaseModel):
 
 class VersionsResponse(BaseModel):
     versions: list[LiveVersion]
+
+
+class PolicyUpdateRequest(BaseModel):
+    """POST /admin/policy: a whole new policy config (PolicyConfig fields; omitted fields take their defaults)."""
+    model_config = ConfigDict(extra="forbid")
+    policy: dict[str, Any]
+
+
+class PolicyStateResponse(BaseModel):
+    version: int  # the registry's config version, +1 per change
+    policy: dict[str, Any]
+    applied_replicas: int = 0  # ingress replicas that confirmed this version before the answer
+    pending_replicas: list[str] = Field(default_factory=list)  # live replicas that had not confirmed it in time

@@ -1,76 +1,192 @@
-"""Business rules applied to one ranked list after ranking: bought down-sort and brand diversity.
+"""Business rules applied to one ranked list after ranking, and the config that steers them.
 
-The rules are plain functions of (ranked list, user state, config, rng) so that the offline evaluation in
-``training/`` and the serving path in ``deployments/`` apply exactly the same code (docs/architecture.md).
-Every rule only reorders: the policy keeps every item it is given.
+The rules are plain functions of (ranked list, user state, config, rng) so that the offline evaluation and the
+replay in ``training/`` and the serving path in ``deployments/`` apply exactly the same code (docs/architecture.md).
+``apply_policy`` runs the enabled rules in this order, each on the result of the one before:
+
+1. ``filter_items``: drops blocked brands/categories and out-of-stock items (the only rule that removes items).
+2. ``down_sort_bought``: recently bought items sink below all others; every later rule keeps that partition.
+3. ``place_sponsored``: sponsored items that rank below a sponsored slot are pinned to it (cap, minimum spacing).
+4. ``explore_new_items``: with probability epsilon per exploration slot, a random new item is pinned to it.
+5. ``apply_quotas``: at least/at most N new items and at most N per category in the top ``quota_k`` (pins count).
+6. ``diversify_brands``: no brand run longer than ``max_brand_run``, least displacement, pinned slots held fixed.
+
+Reasons: every output item carries one reason string. An item no rule acted on keeps the reason it arrived with
+(``"retrieval"``, ``"interest:1"``, ``"cold_start:new"``...). An item a rule acted on gets ``"policy:<rule>"`` with
+<rule> one of ``bought_down_sort``, ``sponsored``, ``explore``, ``novelty_quota``, ``category_quota``,
+``brand_diversity``; a rule acts on the items it places or promotes (sponsored, explore, novelty_quota) and on those
+it pushes down (the others). When several rules act on one item, the last one names it.
+
+Speed: one request builds a small working plan (an order of indices, pinned slots, reasons) that every rule edits,
+and the output list is materialised once; the brand greedy is a pure-Python pass with O(1) work per slot in the
+common case (see ``_diversify_segment``), because per-slot NumPy calls cost microseconds each.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 
 REASON_BOUGHT = "policy:bought_down_sort"
 REASON_BRAND = "policy:brand_diversity"
-_SECONDS_PER_DAY = 86_400.0
+REASON_EXPLORE = "policy:explore"
+REASON_SPONSORED = "policy:sponsored"
+REASON_NOVELTY = "policy:novelty_quota"
+REASON_CATEGORY = "policy:category_quota"
+SECONDS_PER_DAY = 86_400.0
+
+# Presets by surface, applied on top of the base config for a request's `page`. Home is a discovery surface (some
+# exploration, no category hogging the first screen); a category page is one category already, so it only asks for
+# a new item up front; search honours the query, so a brand the shopper typed may come twice in a row.
+DEFAULT_SURFACES: dict[str, dict[str, object]] = {
+    "home": {"explore_epsilon": 0.1, "max_per_category": 6},
+    "category": {"min_new": 1},
+    "search": {"max_brand_run": 2},
+}
+
+
+def _bad(name: str, expected: str, value: object) -> ValueError:
+    return ValueError(f"PolicyConfig.{name} must be {expected}, got {value!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     """Switches and knobs of the policy stage; validated on construction, so every path (YAML, Serve
-    ``user_config``, overrides) gets the same errors."""
+    ``user_config``, the admin endpoint, per-request overrides) gets the same errors, each naming the field."""
 
-    # On by default: a page of one brand reads as an ad, and users skim past it.
-    brand_diversity: bool = True
-    # 1 = no two consecutive items of one brand, the strictest rule and the usual merchandising default.
-    max_brand_run: int = 1
+    # Filters. On by default: an unbuyable item in the top slots is a wasted slot and a support ticket.
+    filter_out_of_stock: bool = True
+    blocked_brands: tuple[str, ...] = ()
+    blocked_categories: tuple[str, ...] = ()
     # On by default: re-showing what the user just bought wastes the top slots.
     bought_down_sort: bool = True
     # Two months covers the repeat-purchase gap of most durable goods; consumables want a shorter window.
     bought_window_days: float = 60.0
+    # "New" for exploration and the novelty quota: created at most this long before the request (the shop's
+    # cold-start window is one week).
+    new_item_days: float = 7.0
+    # Exploration: per slot, the probability that a random new item is promoted there. Off in the base config;
+    # the home preset turns it on.
+    explore_epsilon: float = 0.0
+    explore_slots: tuple[int, ...] = (3, 9)  # 0-based; below the first screen's top, where a miss costs little
+    # Sponsored slots: items of this list that rank below a slot are pinned there, at most `sponsored_max` per list
+    # and at least `sponsored_min_spacing` slots apart.
+    sponsored_items: tuple[str, ...] = ()
+    sponsored_slots: tuple[int, ...] = (1, 6, 11)
+    sponsored_max: int = 2
+    sponsored_min_spacing: int = 4
+    # Quotas over the first `quota_k` slots (one screen); None = no bound.
+    quota_k: int = 20
+    min_new: int = 0
+    max_new: int | None = None
+    max_per_category: int | None = None
+    # On by default: a page of one brand reads as an ad, and users skim past it.
+    brand_diversity: bool = True
+    # 1 = no two consecutive items of one brand, the strictest rule and the usual merchandising default.
+    max_brand_run: int = 1
+    # page -> field overrides (no nesting); a given mapping replaces the defaults as a whole.
+    surfaces: Mapping[str, Mapping[str, object]] = field(default_factory=lambda: dict(DEFAULT_SURFACES))
 
     def __post_init__(self) -> None:
-        for name in ("brand_diversity", "bought_down_sort"):
+        for name in ("filter_out_of_stock", "bought_down_sort", "brand_diversity"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"PolicyConfig.{name} must be a bool, got {value!r}")
-            object.__setattr__(self, name, bool(value))
-        run = self.max_brand_run
-        if isinstance(run, (bool, np.bool_)) or not isinstance(run, (int, np.integer)) or run < 1:
-            raise ValueError(f"PolicyConfig.max_brand_run must be an int >= 1, got {run!r}")
-        object.__setattr__(self, "max_brand_run", int(run))
-        window = self.bought_window_days
-        if (
-            isinstance(window, (bool, np.bool_))
-            or not isinstance(window, (int, float, np.integer, np.floating))
-            or not math.isfinite(window)
-            or window < 0
-        ):
-            raise ValueError(f"PolicyConfig.bought_window_days must be a finite number >= 0, got {window!r}")
-        object.__setattr__(self, "bought_window_days", float(window))
+                raise _bad(name, "a bool", value)
+            self._set(name, bool(value))
+        for name, lo, hi in (("bought_window_days", 0.0, math.inf), ("new_item_days", 0.0, math.inf),
+                             ("explore_epsilon", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or not lo <= value <= hi:
+                raise _bad(name, f"a finite number in [{lo}, {hi}]", value)
+            self._set(name, float(value))
+        for name, lo in (("max_brand_run", 1), ("quota_k", 1), ("min_new", 0), ("sponsored_max", 0),
+                         ("sponsored_min_spacing", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < lo:
+                raise _bad(name, f"an int >= {lo}", value)
+            self._set(name, int(value))
+        for name in ("max_new", "max_per_category"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise _bad(name, "null or an int >= 0", value)
+            self._set(name, None if value is None else int(value))
+        for name in ("explore_slots", "sponsored_slots"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
+                    _is_int(s) and s >= 0 for s in value) or list(value) != sorted(set(value)):
+                raise _bad(name, "a list of distinct, increasing slot numbers >= 0", value)
+            self._set(name, tuple(int(s) for s in value))
+        for name in ("blocked_brands", "blocked_categories", "sponsored_items"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
+                    isinstance(s, str) and s for s in value):
+                raise _bad(name, "a list of non-empty strings", value)
+            self._set(name, tuple(value))
+        if self.max_new is not None and self.min_new > self.max_new:
+            raise _bad("min_new", f"<= max_new ({self.max_new})", self.min_new)
+        if self.min_new > self.quota_k:
+            raise _bad("min_new", f"<= quota_k ({self.quota_k})", self.min_new)
+        self._set("surfaces", self._checked_surfaces(self.surfaces))
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # normalising a frozen dataclass's field in __post_init__
+
+    def _checked_surfaces(self, surfaces: object) -> dict[str, dict[str, object]]:
+        if not isinstance(surfaces, Mapping):
+            raise _bad("surfaces", "a mapping page -> overrides", surfaces)
+        out = {}
+        for page, overrides in surfaces.items():
+            if not isinstance(page, str) or not isinstance(overrides, Mapping):
+                raise _bad(f"surfaces.{page}", "a mapping of PolicyConfig fields", overrides)
+            if "surfaces" in overrides:
+                raise _bad(f"surfaces.{page}.surfaces", "absent (presets do not nest)", overrides["surfaces"])
+            try:
+                dataclasses.replace(self, surfaces={}).with_overrides(overrides)
+            except ValueError as e:
+                raise ValueError(f"PolicyConfig.surfaces.{page}: {e}") from e
+            out[page] = dict(overrides)
+        return out
 
     def with_overrides(self, overrides: Mapping[str, object] | None) -> PolicyConfig:
         """A copy with ``overrides`` applied; an unknown key or an invalid value raises ValueError naming it."""
         if not overrides:
             return self
+        if not isinstance(overrides, Mapping):
+            raise ValueError(f"PolicyConfig overrides must be a mapping of fields, got {overrides!r}")
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown PolicyConfig field(s) {unknown}; expected a subset of {sorted(known)}")
         return dataclasses.replace(self, **overrides)
 
+    def for_page(self, page: str | None) -> PolicyConfig:
+        """The config for a surface: this one with ``surfaces[page]`` applied (unchanged for an unknown page)."""
+        return self.with_overrides(self.surfaces.get(page or ""))
+
     @classmethod
     def from_dict(cls, data: Mapping[str, object] | None) -> PolicyConfig:
-        """Builds a config from a mapping (e.g. YAML); None gives the defaults."""
+        """Builds a config from a mapping (e.g. YAML, JSON); None gives the defaults."""
         return cls().with_overrides(data)
 
     def to_dict(self) -> dict:
-        """Plain dict of every field, the inverse of ``from_dict``."""
-        return dataclasses.asdict(self)
+        """JSON-able dict of every field (tuples as lists), the inverse of ``from_dict``."""
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 @dataclass
@@ -82,16 +198,19 @@ class RankedList:
     brands: list[str]
     categories: list[str]
     reasons: list[str]  # why each item is here, e.g. "retrieval", "interest:1", "cold_start:popular"
+    created_at: np.ndarray | None = None  # (n,) float64 unix seconds; None: no item counts as new
+    in_stock: np.ndarray | None = None  # (n,) bool; None: every item is in stock
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        if self.created_at is not None:
+            self.created_at = np.asarray(self.created_at, dtype=np.float64).reshape(-1)
+        if self.in_stock is not None:
+            self.in_stock = np.asarray(self.in_stock, dtype=bool).reshape(-1)
         n = len(self.item_ids)
-        lengths = {
-            "scores": len(self.scores),
-            "brands": len(self.brands),
-            "categories": len(self.categories),
-            "reasons": len(self.reasons),
-        }
+        lengths = {"scores": len(self.scores), "brands": len(self.brands), "categories": len(self.categories),
+                   "reasons": len(self.reasons)}
+        lengths.update({k: len(getattr(self, k)) for k in ("created_at", "in_stock") if getattr(self, k) is not None})
         wrong = {name: size for name, size in lengths.items() if size != n}
         if wrong:
             raise ValueError(f"RankedList fields must all have len(item_ids) = {n}; got {wrong}")
@@ -99,16 +218,16 @@ class RankedList:
     def __len__(self) -> int:
         return len(self.item_ids)
 
-    def take(self, order: Sequence[int]) -> RankedList:
-        """A new list holding the items at positions ``order`` (a reorder or a selection)."""
-        idx = np.asarray(order, dtype=np.int64).reshape(-1)
+    def take(self, order: Sequence[int], reasons: Sequence[str] | None = None) -> RankedList:
+        """A new list holding the items at positions ``order`` (a reorder or a selection); ``reasons`` (indexed
+        like this list) replaces the current reasons."""
+        idx = [int(i) for i in order]
+        pick = (lambda seq: list(itemgetter(*idx)(seq)) if len(idx) > 1 else [seq[i] for i in idx])
         return RankedList(
-            item_ids=[self.item_ids[i] for i in idx],
-            scores=self.scores[idx],
-            brands=[self.brands[i] for i in idx],
-            categories=[self.categories[i] for i in idx],
-            reasons=[self.reasons[i] for i in idx],
-        )
+            item_ids=pick(self.item_ids), scores=self.scores[idx], brands=pick(self.brands),
+            categories=pick(self.categories), reasons=pick(self.reasons if reasons is None else reasons),
+            created_at=None if self.created_at is None else self.created_at[idx],
+            in_stock=None if self.in_stock is None else self.in_stock[idx])
 
 
 @dataclass
@@ -117,6 +236,11 @@ class UserState:
 
     bought_at: dict[str, float]  # item_id -> unix seconds of the user's latest purchase of it
     now: float  # unix seconds of the request
+
+
+def request_rng(request_id: str) -> np.random.Generator:
+    """The generator of one request: the same request id always draws the same exploration."""
+    return np.random.default_rng(int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big"))
 
 
 def longest_brand_run(brands: Sequence[str]) -> int:
@@ -130,34 +254,197 @@ def longest_brand_run(brands: Sequence[str]) -> int:
     return best
 
 
-def _recently_bought(ranked: RankedList, user: UserState, window_days: float) -> np.ndarray:
-    """(n,) bool: the item was bought at most ``window_days`` before ``user.now``."""
-    horizon = user.now - window_days * _SECONDS_PER_DAY
-    # A purchase stamped after `now` (clock skew between services) still counts as recent.
-    return np.array([user.bought_at.get(i, -math.inf) >= horizon for i in ranked.item_ids], dtype=bool)
+def is_new_item(created_at: np.ndarray | None, now: float, new_item_days: float) -> np.ndarray | None:
+    """(n,) bool: created at most ``new_item_days`` before ``now`` (a future stamp counts as new); None if unknown."""
+    if created_at is None:
+        return None
+    return created_at >= now - new_item_days * SECONDS_PER_DAY
 
 
-def _take_marking(ranked: RankedList, order: Sequence[int], reason: str) -> RankedList:
-    """Reorders by ``order`` and sets ``reason`` on items that ended below their former slot."""
-    out = ranked.take(order)
-    for new_pos, old_pos in enumerate(order):
-        if new_pos > old_pos:
-            out.reasons[new_pos] = reason
-    return out
+class _Plan:
+    """Working state of one request: the current order of the original indices, slots pinned by sponsored and
+    exploration rules, and the reasons; rules edit it, ``result`` materialises it once."""
+
+    def __init__(self, ranked: RankedList, user: UserState, config: PolicyConfig) -> None:
+        self.ranked, self.user, self.config = ranked, user, config
+        self.order = list(range(len(ranked)))
+        self.pins: dict[int, int] = {}  # final slot -> original index
+        self.reasons = list(ranked.reasons)
+        self.n_fresh = len(ranked)  # order[:n_fresh] are not recently bought (once the down-sort ran)
+        self.n_quota = 0  # order[:n_quota] fill the top quota_k's free slots (once the quotas ran)
+        self._bought: list[bool] | None = None
+        self._new: list[bool] | None = None
+
+    def bought(self) -> list[bool]:
+        """Per original index: bought within the window. A purchase stamped after `now` (clock skew between
+        services) still counts as recent."""
+        if self._bought is None:
+            horizon = self.user.now - self.config.bought_window_days * SECONDS_PER_DAY
+            recent = {i for i, t in self.user.bought_at.items() if t >= horizon}
+            self._bought = [i in recent for i in self.ranked.item_ids] if recent else [False] * len(self.ranked)
+        return self._bought
+
+    def new(self) -> list[bool]:
+        if self._new is None:
+            mask = is_new_item(self.ranked.created_at, self.user.now, self.config.new_item_days)
+            self._new = [False] * len(self.ranked) if mask is None else mask.tolist()
+        return self._new
+
+    def free_slots_before(self, slot: int) -> int:
+        """How many order items come before final slot ``slot`` (slots not pinned)."""
+        return slot - sum(1 for s in self.pins if s < slot)
+
+    def pin(self, slot: int, index: int, reason: str) -> None:
+        self.order.remove(index)
+        self.n_fresh -= 1
+        self.pins[slot] = index
+        self.reasons[index] = reason
+
+    def can_pin(self, slot: int) -> bool:
+        """A free slot reachable without lifting a pinned item above a recently bought one."""
+        return slot not in self.pins and slot < len(self.order) + len(self.pins) and \
+            self.free_slots_before(slot) <= self.n_fresh - 1
+
+    def final_order(self) -> list[int]:
+        out = list(self.order)
+        for slot in sorted(self.pins):
+            out.insert(slot, self.pins[slot])
+        return out
+
+    def result(self) -> RankedList:
+        return self.ranked.take(self.final_order(), self.reasons)
 
 
-def down_sort_bought(ranked: RankedList, user: UserState, config: PolicyConfig) -> RankedList:
-    """Moves items bought within ``config.bought_window_days`` before ``user.now`` below all other items.
+def _filter(plan: _Plan) -> None:
+    cfg, ranked = plan.config, plan.ranked
+    brands, cats = frozenset(cfg.blocked_brands), frozenset(cfg.blocked_categories)
+    stock = ranked.in_stock if cfg.filter_out_of_stock and ranked.in_stock is not None else None
+    if not brands and not cats and (stock is None or stock.all()):
+        return
+    keep = np.ones(len(ranked), bool) if stock is None else stock.copy()
+    if brands:
+        keep &= np.array([b not in brands for b in ranked.brands], dtype=bool)
+    if cats:
+        keep &= np.array([c not in cats for c in ranked.categories], dtype=bool)
+    plan.order = [i for i in plan.order if keep[i]]
+    plan.n_fresh = len(plan.order)
 
-    Both groups keep their relative order (a stable partition). Bought items that actually moved get the reason
-    ``"policy:bought_down_sort"``; purchases older than the window do not count.
-    """
-    recent = _recently_bought(ranked, user, config.bought_window_days)
-    order = np.concatenate([np.flatnonzero(~recent), np.flatnonzero(recent)])
-    return _take_marking(ranked, order.tolist(), REASON_BOUGHT)
+
+def _down_sort(plan: _Plan) -> None:
+    bought = plan.bought()
+    fresh = [i for i in plan.order if not bought[i]]
+    if len(fresh) == len(plan.order):
+        return
+    sunk = [i for i in plan.order if bought[i]]
+    old = {i: j for j, i in enumerate(plan.order)}
+    for j, i in enumerate(sunk, start=len(fresh)):
+        if j > old[i]:
+            plan.reasons[i] = REASON_BOUGHT
+    plan.order, plan.n_fresh = fresh + sunk, len(fresh)
 
 
-def _feasible(counts: np.ndarray, n_left: int, tail: int, tail_run: int, max_run: int) -> bool:
+def _eligible(plan: _Plan, slot: int, wanted: Sequence[bool]) -> list[int]:
+    """Original indices of fresh items flagged in ``wanted`` that currently sit at or below ``slot``, best first."""
+    lo = plan.free_slots_before(slot)
+    return [i for i in plan.order[lo:plan.n_fresh] if wanted[i]]
+
+
+def _sponsor(plan: _Plan) -> None:
+    cfg = plan.config
+    if not cfg.sponsored_items or cfg.sponsored_max == 0:
+        return
+    listed = frozenset(cfg.sponsored_items)
+    wanted = [i in listed for i in plan.ranked.item_ids]
+    placed: list[int] = []
+    for slot in cfg.sponsored_slots:
+        if len(placed) == cfg.sponsored_max:
+            break
+        if (placed and slot - placed[-1] < cfg.sponsored_min_spacing) or not plan.can_pin(slot):
+            continue
+        pool = _eligible(plan, slot, wanted)
+        if pool:  # the best-ranked sponsored item: an ad the user is likeliest to want
+            plan.pin(slot, pool[0], REASON_SPONSORED)
+            placed.append(slot)
+
+
+def _explore(plan: _Plan, rng: np.random.Generator | None) -> None:
+    cfg = plan.config
+    if cfg.explore_epsilon <= 0.0 or not cfg.explore_slots:
+        return
+    rng = rng if rng is not None else np.random.default_rng(0)
+    # A fixed number of draws per request, so one request id always explores the same way whatever the pool.
+    coins, picks = rng.random(len(cfg.explore_slots)), rng.random(len(cfg.explore_slots))
+    new = plan.new()
+    for slot, coin, pick in zip(cfg.explore_slots, coins, picks):
+        if coin >= cfg.explore_epsilon or not plan.can_pin(slot):
+            continue
+        pool = _eligible(plan, slot, new)
+        if pool:  # uniform over the new items below the slot: epsilon-greedy explores, it does not rank
+            plan.pin(slot, pool[int(pick * len(pool))], REASON_EXPLORE)
+
+
+def _quotas(plan: _Plan) -> None:
+    cfg = plan.config
+    cap, max_new, min_new = cfg.max_per_category, cfg.max_new, cfg.min_new
+    if cap is None and max_new is None and min_new == 0:
+        return
+    k = min(cfg.quota_k, len(plan.order) + len(plan.pins))
+    cats, new = plan.ranked.categories, plan.new()
+    pinned = [i for s, i in plan.pins.items() if s < k]
+    n_cat = Counter(cats[i] for i in pinned)
+    n_new = sum(new[i] for i in pinned)
+    fresh = plan.order[:plan.n_fresh]
+    need = k - len(pinned)
+    selected: list[int] = []  # positions in `fresh`
+    pushed: dict[int, str] = {}
+    j = 0
+    while j < len(fresh) and len(selected) < need:  # greedy in rank order under the upper bounds
+        i = fresh[j]
+        if cap is not None and n_cat[cats[i]] >= cap:
+            pushed[j] = REASON_CATEGORY
+        elif new[i] and max_new is not None and n_new >= max_new:
+            pushed[j] = REASON_NOVELTY
+        else:
+            selected.append(j)
+            n_cat[cats[i]] += 1
+            n_new += new[i]
+        j += 1
+    if n_new < min_new:  # swap the best left-out new items for the lowest selected old ones, caps permitting
+        chosen = set(selected)
+        victims = [q for q in reversed(selected) if not new[fresh[q]]]
+        for q in (q for q in range(len(fresh)) if q not in chosen and new[fresh[q]]):
+            if n_new >= min_new:
+                break
+            c = cats[fresh[q]]
+            if len(selected) < need:  # room left (few fresh items): no victim needed
+                if cap is None or n_cat[c] < cap:
+                    selected.append(q)
+                    n_cat[c] += 1
+                    n_new += 1
+                    pushed[q] = REASON_NOVELTY
+                continue
+            if not victims:
+                break
+            v = victims[0]
+            if cap is not None and n_cat[c] - (cats[fresh[v]] == c) >= cap:
+                continue
+            victims.pop(0)
+            selected.remove(v)
+            selected.append(q)
+            n_cat[cats[fresh[v]]] -= 1
+            n_cat[c] += 1
+            n_new += 1
+            pushed[v] = pushed[q] = REASON_NOVELTY
+    chosen = sorted(selected)
+    keep = set(chosen)
+    for q, reason in pushed.items():
+        plan.reasons[fresh[q]] = reason
+    plan.order = [fresh[q] for q in chosen] + [fresh[q] for q in range(len(fresh)) if q not in keep] \
+        + plan.order[plan.n_fresh:]
+    plan.n_quota = len(chosen)
+
+
+def _feasible(counts: list[int], n_left: int, tail: int, tail_run: int, max_run: int) -> bool:
     """Whether the remaining items (``counts`` per brand code) can follow a tail of ``tail_run`` items of brand
     ``tail`` (-1 for none) with no run longer than ``max_run``.
 
@@ -168,111 +455,189 @@ def _feasible(counts: np.ndarray, n_left: int, tail: int, tail_run: int, max_run
     """
     if tail >= 0 and counts[tail] + tail_run > max_run * (n_left - counts[tail] + 1):
         return False
-    if tail >= 0:
-        saved = counts[tail]
-        counts[tail] = -1  # exclude the tail brand from the max without copying
-        c_max = int(counts.max()) if counts.size else 0
-        counts[tail] = saved
-    else:
-        c_max = int(counts.max()) if counts.size else 0
+    c_max = max((c for j, c in enumerate(counts) if j != tail), default=0)
     return c_max <= max_run * (n_left - c_max + 1)
 
 
-def _diversified_order(
-    brands: Sequence[str], max_run: int, tail_brand: str | None = None, tail_run: int = 0
-) -> list[int]:
-    """Greedy least-displacement order with no brand run longer than ``max_run`` whenever that is achievable.
+def _diversify_segment(codes: list[int], n_codes: int, seg: list[int], pins: dict[int, int], r: int,
+                       state: list[int], out: list[int]) -> list[int]:
+    """Appends ``seg`` (original indices, best first) to ``out`` in greedy least-displacement order with no brand
+    run longer than ``r`` whenever achievable; pinned slots of ``out`` are emitted as they come. ``state`` is
+    [last brand code, run length], carried across segments. Returns the items placed below their former slot.
 
-    At each slot take the best remaining item whose brand neither breaks the run limit now nor leaves a rest that
-    cannot be arranged (see ``_feasible``), so the rule holds on the whole list whenever any arrangement satisfies
-    it. When the list cannot satisfy the rule, take the best item allowed now, else the best remaining (in order).
-    ``tail_brand``/``tail_run`` describe items already placed above this segment. O(n * distinct brands).
+    At each slot take the best remaining item, unless its brand would break the run limit, or would leave a rest
+    that cannot be arranged (``_feasible``), or would run into the next pinned item: then the best item of another
+    brand. A brand past the feasibility bound ("critical", at most one at a time) is placed at once. Data
+    structures: a cursor over the segment and a queue of the items skipped over, which all share one brand (the
+    one being avoided), so "best remaining" and "best of another brand" are O(1) amortised.
     """
-    n = len(brands)
-    vocab = {b: j for j, b in enumerate(dict.fromkeys(brands))}
-    codes = np.array([vocab[b] for b in brands], dtype=np.int64)
-    counts = np.bincount(codes, minlength=len(vocab)).astype(np.int64)  # remaining items per brand code
-    queues = [np.flatnonzero(codes == j).tolist() for j in range(len(vocab))]  # positions per brand, best first
-    heads = np.array([q[0] for q in queues], dtype=np.int64)  # best remaining position per brand, n if none
-    ptr = [0] * len(vocab)
-    last = vocab.get(tail_brand, -1) if tail_brand is not None else -1
-    run = tail_run if last >= 0 else 0
-    r = max_run
-    # Feasibility is kept by feasible moves and never regained once lost, so one check decides whether to look ahead.
-    look_ahead = n > 0 and _feasible(counts, n, last, run, r)
-    order: list[int] = []
-    for slot in range(n):
-        n_left = n - slot - 1
-        best = int(np.argmin(heads))
-        other = best
-        if best == last:  # best remaining item of another brand, if any
-            heads[last] = n + 1
-            other = int(np.argmin(heads))
-            heads[last] = queues[last][ptr[last]]
-            other = other if heads[other] < n else best
-        choice = best if best != last or run < r else other
-        if look_ahead:
-            # After this slot a brand with c items left needs c <= r * (n_left - c + 1) (see _feasible). A brand
-            # already past that bound ("critical") must be placed now; with none, any other brand is safe and the
-            # last brand only if its own bound still holds with the longer run.
-            critical = np.flatnonzero(counts * (r + 1) > r * (n_left + 1))
-            if critical.size:
-                choice = int(critical[0])
-            elif best == last and (run + 1 > r or counts[last] + run > r * (n_left - counts[last] + 2)):
-                choice = other
-        order.append(queues[choice][ptr[choice]])
-        ptr[choice] += 1
-        counts[choice] -= 1
-        heads[choice] = queues[choice][ptr[choice]] if ptr[choice] < len(queues[choice]) else n
-        run = run + 1 if choice == last else 1
-        last = choice
-    return order
+    m = len(seg)
+    cs = [codes[i] for i in seg]
+    counts = [0] * n_codes
+    for c in cs:
+        counts[c] += 1
+    last, run = state
+    look_ahead = m > 0 and _feasible(counts, m, last, run, r)
+    c_max = max(counts) if m else 0  # an upper bound of the largest count; exact after each recomputation
+    taken = [False] * m
+    skipped: deque[int] = deque()
+    cursor, moved = 0, []
+    for k in range(m):
+        while len(out) in pins:  # a pinned slot is fixed; it only continues or breaks the run
+            b = codes[pins[len(out)]]
+            out.append(pins[len(out)])
+            run, last = (run + 1 if b == last else 1), b
+        n_left = m - k - 1
+        while cursor < m and taken[cursor]:
+            cursor += 1
+        best = skipped[0] if skipped else cursor
+        bb = cs[best]
+        pos = -1
+        if look_ahead and c_max * (r + 1) > r * (n_left + 1):
+            c_max = max(counts)
+            if c_max * (r + 1) > r * (n_left + 1):
+                crit = counts.index(c_max)
+                if skipped and cs[skipped[0]] == crit:
+                    pos = skipped.popleft()
+                else:
+                    pos = cursor
+                    while taken[pos] or cs[pos] != crit:
+                        pos += 1
+                    taken[pos] = True
+        if pos < 0:
+            avoid = bb == last and (run >= r or (look_ahead and counts[last] + run > r * (n_left - counts[last] + 2)))
+            nxt = pins.get(len(out) + 1)
+            if not avoid and nxt is not None and codes[nxt] == bb:
+                avoid = (run + 1 if bb == last else 1) >= r
+            if avoid:  # best item of another brand: skip past the avoided brand's items after the cursor
+                j = cursor
+                while j < m and (taken[j] or cs[j] == bb):
+                    if not taken[j]:
+                        skipped.append(j)
+                    j += 1
+                cursor = j
+                if j < m:
+                    pos, taken[j] = j, True
+            if pos < 0:
+                if skipped:
+                    pos = skipped.popleft()
+                else:
+                    pos, taken[cursor] = cursor, True
+        b = cs[pos]
+        counts[b] -= 1
+        run, last = (run + 1 if b == last else 1), b
+        out.append(seg[pos])
+        if k > pos:
+            moved.append(seg[pos])
+    state[0], state[1] = last, run
+    return moved
 
 
-def diversify_brands(ranked: RankedList, config: PolicyConfig) -> RankedList:
+def _diversify(plan: _Plan) -> None:
+    """Brand diversity over the segments [quota top | other fresh | recently bought] of the order, with the run
+    carried across their borders, so it never undoes the quotas or the down-sort; pinned slots stay put."""
+    vocab: dict[str, int] = {}
+    codes = [vocab.setdefault(b, len(vocab)) for b in plan.ranked.brands]
+    bounds = sorted({0, plan.n_quota, plan.n_fresh, len(plan.order)})
+    state, out = [-1, 0], []
+    for lo, hi in zip(bounds, bounds[1:]):
+        for i in _diversify_segment(codes, len(vocab), plan.order[lo:hi], plan.pins, plan.config.max_brand_run,
+                                    state, out):
+            plan.reasons[i] = REASON_BRAND
+    pinned = set(plan.pins.values())
+    plan.order = [i for i in out if i not in pinned] if pinned else out
+
+
+def _run(ranked: RankedList, user: UserState, config: PolicyConfig, steps: Sequence) -> RankedList:
+    plan = _Plan(ranked, user, config)
+    for step in steps:
+        step(plan)
+    return plan.result()
+
+
+def filter_items(ranked: RankedList, user: UserState, config: PolicyConfig,
+                 rng: np.random.Generator | None = None) -> RankedList:
+    """Drops items of ``blocked_brands``/``blocked_categories`` and, with ``filter_out_of_stock``, items whose
+    ``in_stock`` is False; the rest keep their order and reasons."""
+    return _run(ranked, user, config, [_filter])
+
+
+def down_sort_bought(ranked: RankedList, user: UserState, config: PolicyConfig,
+                     rng: np.random.Generator | None = None) -> RankedList:
+    """Moves items bought within ``config.bought_window_days`` before ``user.now`` below all other items.
+
+    Both groups keep their relative order (a stable partition). Bought items that actually moved get the reason
+    ``"policy:bought_down_sort"``; purchases older than the window do not count.
+    """
+    return _run(ranked, user, config, [_down_sort])
+
+
+def place_sponsored(ranked: RankedList, user: UserState, config: PolicyConfig,
+                    rng: np.random.Generator | None = None) -> RankedList:
+    """Pins items of ``config.sponsored_items`` to ``sponsored_slots``: for each slot in turn (at most
+    ``sponsored_max``, at least ``sponsored_min_spacing`` apart), the best-ranked listed item currently below it.
+    A listed item already above a slot stays where it is; recently bought items are never promoted (with the
+    down-sort on). Placed items get ``"policy:sponsored"``."""
+    return _run(ranked, user, config, [_sponsor])
+
+
+def explore_new_items(ranked: RankedList, user: UserState, config: PolicyConfig,
+                      rng: np.random.Generator | None = None) -> RankedList:
+    """Epsilon-greedy exploration: for each of ``explore_slots``, with probability ``explore_epsilon``, pins a
+    new item (created within ``new_item_days``) drawn uniformly from those below the slot. Draws 2 numbers per
+    slot from ``rng`` (``request_rng(request_id)`` makes it reproducible; None means seed 0). Placed items get
+    ``"policy:explore"``."""
+    return _run(ranked, user, config, [lambda plan: _explore(plan, rng)])
+
+
+def apply_quotas(ranked: RankedList, user: UserState, config: PolicyConfig,
+                 rng: np.random.Generator | None = None) -> RankedList:
+    """Chooses the top ``quota_k`` items in rank order so that no category exceeds ``max_per_category`` and new
+    items stay within [``min_new``, ``max_new``]: the upper bounds skip items (pushed below the top, reason
+    ``"policy:category_quota"``/``"policy:novelty_quota"``), then the best left-out new items replace the lowest
+    chosen old ones until ``min_new`` holds (both marked ``"policy:novelty_quota"``). Upper bounds always hold;
+    ``min_new`` holds when enough new items exist under the category cap. Both groups keep their rank order."""
+    return _run(ranked, user, config, [_quotas])
+
+
+def diversify_brands(ranked: RankedList, user: UserState, config: PolicyConfig,
+                     rng: np.random.Generator | None = None) -> RankedList:
     """Reorders so no brand appears more than ``config.max_brand_run`` times in a row, moving items as little
-    as possible (greedy: the best remaining item that keeps the rest arrangeable, see ``_diversified_order``).
+    as possible (greedy: the best remaining item that keeps the rest arrangeable, see ``_diversify_segment``).
 
     When the brand mix makes the rule impossible (e.g. for max_run 1, a brand with more than ceil(n / 2) items),
     the rule holds as long as it can and the leftover items follow in order. Items that the rule placed below
     their former slot get the reason ``"policy:brand_diversity"``; other reasons are kept.
     """
-    order = _diversified_order(ranked.brands, config.max_brand_run)
-    return _take_marking(ranked, order, REASON_BRAND)
+    return _run(ranked, user, config, [_diversify])
 
 
-def apply_policy(
-    ranked: RankedList, user: UserState, config: PolicyConfig, rng: np.random.Generator | None = None
-) -> RankedList:
-    """Applies the enabled rules: bought down-sort first, then brand diversity.
+def apply_policy(ranked: RankedList, user: UserState, config: PolicyConfig,
+                 rng: np.random.Generator | None = None) -> RankedList:
+    """Applies the enabled rules in the order of the module docstring and returns the final list.
 
-    The down-sort is the harder rule: brand diversity reorders within the not-bought and the bought groups
-    (continuing the brand run across the boundary) and never lifts a recently bought item above another.
+    The down-sort is the hardest rule: no later rule lifts a recently bought item above another. Quotas and brand
+    diversity respect the pinned sponsored and exploration slots.
 
     Args:
-        ranked: the ranked list, best first.
+        ranked: the ranked list, best first (n items).
         user: the user's purchases and the request time.
-        config: which rules run and their knobs.
-        rng: accepted for future randomised rules (exploration); unused today.
+        config: which rules run and their knobs (already resolved for the page, see ``PolicyConfig.for_page``).
+        rng: exploration's generator, e.g. ``request_rng(request_id)``.
 
     Returns:
-        A permutation of ``ranked`` with updated reasons.
+        The filtered items (n' <= n, every unfiltered item kept) in their final order, with updated reasons.
     """
-    del rng  # no randomised rule yet; the argument keeps the signature stable for exploration
-    out = ranked
-    n_fresh = len(ranked)
+    steps = [_filter]
     if config.bought_down_sort:
-        n_fresh = int((~_recently_bought(ranked, user, config.bought_window_days)).sum())
-        out = down_sort_bought(out, user, config)
+        steps.append(_down_sort)
+    steps += [_sponsor, lambda plan: _explore(plan, rng), _quotas]
     if config.brand_diversity:
-        r = config.max_brand_run
-        head = _diversified_order(out.brands[:n_fresh], r)
-        tail_brand = out.brands[head[-1]] if head else None
-        tail_run = 0
-        for pos in reversed(head):  # length of the run the head segment ends with
-            if out.brands[pos] != tail_brand:
-                break
-            tail_run += 1
-        rest = _diversified_order(out.brands[n_fresh:], r, tail_brand, tail_run)
-        out = _take_marking(out, head + [n_fresh + p for p in rest], REASON_BRAND)
-    return out
+        steps.append(_diversify)
+    return _run(ranked, user, config, steps)
+
+
+RULES = {
+    "filter": filter_items, "bought_down_sort": down_sort_bought, "sponsored": place_sponsored,
+    "explore": explore_new_items, "quotas": apply_quotas, "brand_diversity": diversify_brands,
+}

@@ -53,3 +53,66 @@ def test_cli_reports_a_bad_size_as_an_error_naming_it(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--size", "huge", "--out",
                            str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and "huge" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_admin_token_is_401_when_missing_and_403_when_wrong_or_unconfigured():
+    import hashlib
+
+    from fastapi import HTTPException
+
+    from deployments.ingress import check_admin_token
+
+    digest = hashlib.sha256(b"s3cret").hexdigest()
+    check_admin_token("Bearer s3cret", digest)  # accepted
+    for header, expected_sha, status in ((None, digest, 401), ("Basic s3cret", digest, 401), ("Bearer ", digest, 401),
+                                         ("Bearer guess", digest, 403), ("Bearer s3cret", None, 403)):
+        with pytest.raises(HTTPException) as e:
+            check_admin_token(header, expected_sha)
+        assert e.value.status_code == status
+
+
+def test_bad_admin_policy_is_a_422_naming_the_field():
+    from fastapi import HTTPException
+
+    from deployments.ingress import parse_policy
+
+    with pytest.raises(HTTPException) as e:
+        parse_policy({"explore_epsilon": 3}, ["policy"])
+    assert e.value.status_code == 422 and "explore_epsilon" in str(e.value.detail)
+    assert parse_policy({"max_brand_run": 2}, ["policy"]).max_brand_run == 2
+
+
+def test_registry_wakes_followers_tracks_what_each_replica_runs_and_keeps_admin_changes_over_same_base():
+    import asyncio
+
+    from deployments.ingress import PolicyRegistry
+
+    async def scenario() -> None:
+        reg = PolicyRegistry()
+        v1, _ = await reg.publish_base({"max_brand_run": 1})
+        assert (await reg.publish_base({"max_brand_run": 1}))[0] == v1  # a second replica: no new version
+        waiting = asyncio.create_task(reg.wait_newer("r1", v1, timeout_s=5.0))
+        await asyncio.sleep(0)
+        v2 = await reg.set({"max_brand_run": 3})
+        assert await asyncio.wait_for(waiting, 1.0) == (v2, {"max_brand_run": 3})
+        assert await reg.pending(v2) == ["r1"]  # r1 was last heard running v1
+        await reg.wait_newer("r1", v2, timeout_s=0.01)
+        assert await reg.pending(v2) == [] and await reg.applied(v2) == 1
+        assert (await reg.publish_base({"max_brand_run": 1}))[1] == {"max_brand_run": 3}  # redeploy, same base
+        assert (await reg.publish_base({"max_brand_run": 2}))[1] == {"max_brand_run": 2}  # changed base wins
+
+    asyncio.run(scenario())
+
+
+def test_answer_figures_count_brands_runs_novelty_and_rules():
+    import numpy as np
+
+    from deployments.ingress import answer_figures, ranked_from_pipeline
+
+    out = {"item_ids": ["a", "b", "c", "d"], "scores": [4, 3, 2, 1], "brands": ["x", "x", "y", "z"],
+           "categories": ["c"] * 4, "reasons": ["retrieval", "policy:explore", "policy:explore", "policy:sponsored"],
+           "created_at": np.array([0.0, 9.5, 9.9, 0.0]) * 86_400.0}
+    ranked = ranked_from_pipeline(out)
+    assert ranked.in_stock is None  # an older pipeline without the flag: everything counts as in stock
+    fig = answer_figures(ranked, 3, now=10 * 86_400.0, new_item_days=1.0)  # items b and c are new
+    assert fig == {"unique_brands": 2, "longest_brand_run": 2, "novelty": 2 / 3, "rules": {"explore": 2}}
