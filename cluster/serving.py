@@ -31,9 +31,16 @@ def deploy_version(bundle_dir: str | Path, cfg: ServingConfig) -> str:
     return version
 
 
-def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig) -> None:
-    """Deploys the HTTP application, or applies new weights/policy to it in place (Serve calls `reconfigure`)."""
-    serve.run(build_ingress_app(versions, policy, cfg), name=INGRESS_APP, route_prefix="/", logging_config=QUIET)
+def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,
+                   admin_token_sha256: str | None = None) -> None:
+    """Deploys the HTTP application, or applies new weights/policy to it.
+
+    `serve.run` from Python gives the code a new version each call, so Serve rolls the ingress replicas (new ones
+    start before old ones stop: no request fails); live policy changes that must not roll anything go through the
+    admin endpoint instead (see `deployments.ingress`).
+    """
+    serve.run(build_ingress_app(versions, policy, cfg, admin_token_sha256), name=INGRESS_APP, route_prefix="/",
+              logging_config=QUIET)
 
 
 def seed_online_store(shop_dir: str | Path) -> dict[str, int]:

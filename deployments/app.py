@@ -39,9 +39,17 @@ def build_version_app(bundle_dir: str, cfg: ServingConfig) -> Application:
         retrieval, ranking, bundle_dir, cfg.candidates)
 
 
-def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig) -> Application:
-    """Ingress (HTTP, routing, policy) + FeatureStore; versions and policy travel as the ingress's user_config."""
+def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,
+                      admin_token_sha256: str | None = None) -> Application:
+    """Ingress (HTTP, routing, policy) + FeatureStore; versions and policy travel as the ingress's user_config.
+
+    `admin_token_sha256` (hex sha256 of the admin bearer token) enables `/admin/policy`; without it the ingress reads
+    the token from RECSYS_ADMIN_TOKEN, and with neither the admin endpoint refuses every call.
+    """
+    user_config = {"versions": dict(versions), "policy": dict(policy or {})}
+    if admin_token_sha256:
+        user_config["admin_token_sha256"] = admin_token_sha256
     store = FeatureStore.options(ray_actor_options={"num_cpus": cfg.replica_cpus / 2}).bind()
     return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
                            autoscaling_config=_autoscaling(cfg, 16),
-                           user_config={"versions": dict(versions), "policy": dict(policy or {})}).bind(store)
+                           user_config=user_config).bind(store)

@@ -108,6 +108,12 @@ def build_feature_space(catalog: pa.Table, users: pa.Table, events: pa.Table, n_
     )
 
 
+def in_stock(catalog: pa.Table) -> np.ndarray:
+    """(n,) bool per catalog row: the "in_stock" attribute, where only "false" means out of stock (absent: in stock)."""
+    stock = pc.map_lookup(catalog.column("attributes"), pa.scalar("in_stock"), "first")
+    return ~pc.equal(stock, "false").fill_null(False).to_numpy(zero_copy_only=False)
+
+
 @dataclass
 class ItemFeatures:
     """Per-item integer features, row i = item index i (row 0 is padding)."""

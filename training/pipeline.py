@@ -10,7 +10,7 @@ import torch
 
 from training.bundle import check_version, write_bundle
 from training.examples import eval_set, impressions, temporal_split, tower_examples
-from training.features import build_feature_space, engagements_of, item_feature_table
+from training.features import build_feature_space, engagements_of, in_stock, item_feature_table
 from training.metrics import popularity_counts
 from training.offline_eval import evaluate_ranker, evaluate_retrieval
 from training.ranker import RankerConfig
@@ -31,7 +31,8 @@ def items_table(catalog: pa.Table, space, popularity: np.ndarray) -> pa.Table:
         "brand_idx", pa.array(feats.brand_idx[1:])).append_column(
         "category_idx", pa.array(feats.category_idx[1:])).append_column(
         "price_bucket", pa.array(feats.price_bucket[1:])).append_column(
-        "popularity", pa.array(popularity[1:].astype(np.float32)))
+        "popularity", pa.array(popularity[1:].astype(np.float32))).append_column(
+        "in_stock", pa.array(in_stock(catalog)))
 
 
 def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, cfg: TrainConfig) -> Path:

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from training import synthetic
+from training.features import in_stock
 from training.policy import PolicyConfig, RankedList, UserState, apply_policy, request_rng
 from training.schemas import Shop
 
@@ -54,11 +55,10 @@ class ReplayConfig:
 def catalog_arrays(catalog: pa.Table) -> dict[str, object]:
     """Columns the policy needs, in catalog order: item_id/brand/category lists, created_at (n,) unix seconds,
     in_stock (n,) bool (the "in_stock" attribute; a missing attribute means in stock)."""
-    stock = pc.map_lookup(catalog.column("attributes"), pa.scalar("in_stock"), "first")
     return {"item_id": catalog.column("item_id").to_pylist(), "brand": catalog.column("brand").to_pylist(),
             "category": catalog.column("category").to_pylist(),
             "created_at": catalog.column("created_at").cast(pa.int64()).to_numpy() / 1000.0,
-            "in_stock": ~pc.equal(stock, "false").fill_null(False).to_numpy(zero_copy_only=False)}
+            "in_stock": in_stock(catalog)}
 
 
 def purchases_by_user(events: pa.Table) -> dict[str, dict[str, float]]:
