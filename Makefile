@@ -25,7 +25,9 @@ serve: $(STAMP)
 	$(BIN)/recsys serve
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.stages --out bench/results/stages.json
+	$(BIN)/recsys bench stages --out bench/results/stages.json
+	$(BIN)/recsys bench ranking --out bench/results/ranking.json
+	$(BIN)/recsys bench policy --out bench/results/policy.json
 
 clean:
 	rm -rf data bundles runs out bench/results

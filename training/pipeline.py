@@ -13,7 +13,8 @@ from training.examples import eval_set, impressions, temporal_split, tower_examp
 from training.features import build_feature_space, engagements_of, in_stock, item_feature_table
 from training.metrics import popularity_counts
 from training.offline_eval import evaluate_ranker, evaluate_retrieval
-from training.ranker import RankerConfig
+from training.ranker import MultiTaskRanker, RankerConfig
+from training.ranking_eval import add_sampled_negatives
 from training.schemas import read_shop, snapshot_id
 from training.train_loop import RANKER, TWO_TOWER, FitSpec, TrainConfig, build_model, fit_on_ray
 from training.two_tower import TwoTowerConfig
@@ -50,8 +51,11 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     tower_data = tower_examples(split.train, space, feats.category_idx)
     history = engagements_of(split.train, space)
     popularity = popularity_counts(history.item_idx, space.n_items)
-    ranker_data = impressions(split.train, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
-                              item_category=feats.category_idx)
+    views = impressions(split.train, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
+                        item_category=feats.category_idx)
+    # One unshown item per view as a negative: logged views all come from the user's interests, so without them a
+    # ranker never learns that an off-interest candidate is bad (exposure bias; see training.ranking_eval).
+    ranker_data = add_sampled_negatives(views, space.n_items, cfg.ranker_negatives_per_view, cfg.seed)
     _log(f"{len(tower_data):,} two-tower examples, {len(ranker_data):,} ranker impressions")
 
     sizes = space.sizes
@@ -61,9 +65,8 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
                                                                                 minlength=space.n_items + 1)}
     tower_spec = FitSpec(TWO_TOWER, tower_cfg.to_dict(), ("hist_items", "hist_actions", "hist_ages", "context", "target"),
                          cfg.tower_epochs, cfg.tower_batch_size, cfg.tower_lr)
-    ranker_spec = FitSpec(RANKER, ranker_cfg.to_dict(),
-                          ("hist_items", "hist_actions", "hist_ages", "context", "item", "labels"),
-                          cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr)
+    ranker_spec = FitSpec(RANKER, ranker_cfg.to_dict(), MultiTaskRanker.TRAIN_INPUTS, cfg.ranker_epochs,
+                          cfg.ranker_batch_size, cfg.ranker_lr)
     tower_state, tower_hist = fit_on_ray(tower_spec, tower_inputs, cfg, f"{version}-two_tower")
     ranker_state, ranker_hist = fit_on_ray(ranker_spec, ranker_data.as_dict() | lookups, cfg, f"{version}-ranker")
     tower = build_model(tower_spec.model, tower_spec.model_config)

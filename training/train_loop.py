@@ -30,7 +30,8 @@ class TrainConfig:
     ranker_epochs: int = 2
     ranker_batch_size: int = 2048
     ranker_lr: float = 3e-3
-    ranker_max_impressions: int = 600_000  # a uniform sample of views bounds ranker time on big shops
+    ranker_max_impressions: int = 300_000  # a uniform sample of views bounds ranker time on big shops
+    ranker_negatives_per_view: float = 1.0  # unshown items added as negatives per view (exposure bias)
     dim: int = 64
     history_len: int = 20
     test_fraction: float = 0.1  # the newest 10% of events are held out
