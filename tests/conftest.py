@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)  # unit tests are tiny: more threads only contend (on a busy 2-core box, 60x slower)
 BIN = Path(sys.executable).parent  # the venv's bin: `ray` and `recsys` live here
 
 

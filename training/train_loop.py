@@ -102,6 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
     model = ray.train.torch.prepare_model(model)  # [3] DDP (gloo on CPU, nccl on GPU) and device placement
+    torch.manual_seed(config["seed"] * 1009 + rank + 1)  # weights are in sync now; sampled negatives differ per rank
     device = ray.train.torch.get_device()
     inputs = config["inputs"]
     n = len(data[inputs[0]])
@@ -145,7 +146,7 @@ def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
     Train hands the loop that checkpoint through `ray.train.get_checkpoint()`.
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     loop_config = {"model": spec.model, "model_config": spec.model_config, "data": ray.put(data),
@@ -157,7 +158,8 @@ def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str(Path(cfg.storage_path).resolve())),
+        run_config=RunConfig(name=run_name, storage_path=str(Path(cfg.storage_path).resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),  # the last two epochs suffice
     )
     result = trainer.fit()
     if result.error is not None:
