@@ -230,3 +230,91 @@ def popularity_counts(item_idx: np.ndarray, n_items: int) -> np.ndarray:
     counts = np.bincount(idx, minlength=n_items + 1).astype(np.float64)
     counts[0] = 0.0
     return counts
+
+
+# --- Retrieval-harness metrics: per-user arrays, novelty, brand diversity, catalog coverage -------------------------
+
+HARNESS_KS: tuple[int, ...] = (10, 50, 100, 500)  # 500 is the candidate budget the ranker receives
+
+
+def per_user_at_k(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """Recall, NDCG and hit of every row at one cut-off, for breakdowns (history length, number of interests).
+
+    Args:
+        ranked: (n, K) int ranked column indices, K >= k; -1 or 0 is padding.
+        targets: length-n sequence of unique int arrays of relevant columns.
+        k: cut-off.
+
+    Returns:
+        ``{"recall", "ndcg", "hr"}``, each (n,) float64; nan on rows without a target. Their nan-means equal
+        `recall_at_k`, `ndcg_at_k` and `hit_rate_at_k`.
+    """
+    hits, sizes = _hit_matrix(ranked, targets, k)
+    rows = np.flatnonzero(np.array([len(t) for t in targets], dtype=np.int64) > 0)
+    out = {name: np.full(len(targets), np.nan) for name in ("recall", "ndcg", "hr")}
+    if rows.size == 0:
+        return out
+    discount = 1.0 / np.log2(np.arange(k) + 2.0)  # (k,)
+    ideal = np.cumsum(discount)[np.minimum(sizes, k) - 1]  # (u,)
+    out["recall"][rows] = hits.sum(axis=1) / sizes
+    out["ndcg"][rows] = (hits @ discount) / ideal
+    out["hr"][rows] = hits.any(axis=1)
+    return out
+
+
+def novelty_recall(ranked: np.ndarray, targets: Sequence[np.ndarray], item_created_ms: np.ndarray,
+                   new_after_ms: int, k: int) -> tuple[float, int]:
+    """Recall@k on the targets created after `new_after_ms` only: can a model find items with little history?
+
+    Args:
+        ranked: (n, K) ranked item indices, K >= k.
+        targets: length-n sequence of target item indices.
+        item_created_ms: (n_items + 1,) creation time of each item index in ms (row 0 is padding).
+        new_after_ms: items created strictly after this instant count as new.
+        k: cut-off.
+
+    Returns:
+        (mean recall over rows with at least one new target, nan when none; the number of such rows).
+    """
+    created = np.asarray(item_created_ms, dtype=np.int64)
+    new_targets = [np.asarray(t, dtype=np.int64)[created[np.asarray(t, dtype=np.int64)] > new_after_ms]
+                   for t in targets]
+    users = sum(1 for t in new_targets if len(t))
+    return (recall_at_k(ranked, new_targets, k) if users else float("nan")), users
+
+
+def brand_diversity(ranked: np.ndarray, item_brand: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Longest run of consecutive same-brand items and number of distinct brands in each top-k list.
+
+    Args:
+        ranked: (n, K) ranked item indices, K >= k; entries <= 0 are padding and belong to no brand.
+        item_brand: (n_items + 1,) brand index of each item index; brand 0 (unknown) counts as one brand, so a
+            data set without brands shows runs of k (the truth about that data, not a model fault).
+        k: cut-off.
+
+    Returns:
+        (longest_run, unique_brands): each (n,) int64; 0 for an empty list.
+    """
+    top = np.asarray(ranked)[:, :k].astype(np.int64)  # (n, k)
+    valid = top > 0
+    brand = np.where(valid, np.asarray(item_brand, dtype=np.int64)[np.maximum(top, 0)], -1)  # -1 marks padding
+    run = valid[:, 0].astype(np.int64)
+    longest = run.copy()
+    for j in range(1, top.shape[1]):
+        same = valid[:, j] & (brand[:, j] == brand[:, j - 1])
+        run = np.where(same, run + 1, valid[:, j].astype(np.int64))
+        longest = np.maximum(longest, run)
+    ordered = np.sort(brand, axis=1)  # padding (-1) sorts first and is not counted
+    starts = np.ones_like(ordered, dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    unique = (starts & (ordered >= 0)).sum(axis=1).astype(np.int64)
+    return longest, unique
+
+
+def catalog_coverage(ranked: np.ndarray, n_items: int, k: int) -> float:
+    """Share of the catalog (item indices 1..n_items) that appears in at least one top-k list."""
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1, got {n_items}")
+    top = np.asarray(ranked)[:, :k].ravel()
+    shown = np.unique(top[(top > 0) & (top <= n_items)])
+    return float(len(shown) / n_items)

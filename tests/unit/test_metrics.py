@@ -151,3 +151,49 @@ def test_popularity_counts_ignore_padding_index() -> None:
 def test_popularity_counts_reject_out_of_range_index() -> None:
     with pytest.raises(ValueError, match="item_idx"):
         popularity_counts(np.array([5]), n_items=4)
+
+
+# --- harness metrics ------------------------------------------------------------------------------------------------
+
+from training.metrics import brand_diversity, catalog_coverage, novelty_recall, per_user_at_k  # noqa: E402
+
+
+def test_per_user_at_k_hand_values_and_nan_for_rows_without_targets() -> None:
+    ranked = np.array([[3, 1, 2], [2, 4, 0], [1, 2, 3]])
+    targets = [np.array([1, 5]), np.array([], dtype=np.int64), np.array([3])]
+    out = per_user_at_k(ranked, targets, 3)
+    np.testing.assert_allclose(out["recall"], [0.5, np.nan, 1.0])
+    np.testing.assert_allclose(out["hr"], [1.0, np.nan, 1.0])
+    # row 0: hit at rank 1 -> 1/log2(3); ideal for 2 targets: 1 + 1/log2(3). row 2: hit at rank 2 -> 1/log2(4) = 0.5
+    np.testing.assert_allclose(out["ndcg"], [(1 / math.log2(3)) / (1 + 1 / math.log2(3)), np.nan, 0.5])
+    assert np.nanmean(out["ndcg"]) == pytest.approx(ndcg_at_k(ranked, targets, 3))
+
+
+def test_novelty_recall_counts_only_new_targets() -> None:
+    created = np.array([0, 10, 20, 300, 400])  # items 3 and 4 are new after t = 100
+    ranked = np.array([[3, 1], [1, 2], [2, 1]])
+    targets = [np.array([3, 4]), np.array([4]), np.array([1])]
+    value, users = novelty_recall(ranked, targets, created, 100, 2)
+    assert users == 2 and value == pytest.approx((0.5 + 0.0) / 2)
+    value, users = novelty_recall(ranked, [np.array([1])] * 3, created, 100, 2)
+    assert users == 0 and math.isnan(value)
+
+
+def test_brand_diversity_longest_run_and_unique_brands() -> None:
+    brand = np.array([0, 7, 7, 8, 7, 9, 9])  # item -> brand
+    ranked = np.array([[1, 2, 4, 3, 5, 6],   # 7 7 7 8 9 9: run 3, 3 brands
+                       [1, 3, 2, 0, 0, 0],   # 7 8 7 then padding: run 1, 2 brands
+                       [0, 0, 0, 0, 0, 0]])  # empty list
+    run, unique = brand_diversity(ranked, brand, k=6)
+    np.testing.assert_array_equal(run, [3, 1, 0])
+    np.testing.assert_array_equal(unique, [3, 2, 0])
+    run5, _ = brand_diversity(ranked, brand, k=2)
+    np.testing.assert_array_equal(run5, [2, 1, 0])
+
+
+def test_catalog_coverage_is_share_of_items_in_any_top_k() -> None:
+    ranked = np.array([[1, 2, 9], [2, 3, 8], [0, -1, 7]])
+    assert catalog_coverage(ranked, 10, 2) == pytest.approx(3 / 10)  # items 1, 2, 3; padding not counted
+    assert catalog_coverage(ranked, 10, 3) == pytest.approx(6 / 10)
+    with pytest.raises(ValueError, match="n_items"):
+        catalog_coverage(ranked, 0, 2)
