@@ -480,7 +480,9 @@ class MultiInterestRetrieval:
     def __init__(self, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  conditions: dict | None = None, **model_config: object) -> None:
         """Args:
-            epochs, batch_size (per worker), lr: override `TrainConfig.tower_*` of the harness's config.
+            epochs, batch_size (per worker), lr: override `TrainConfig.tower_*` of the harness's config. A batch
+                size given here is used as is; otherwise the configured one shrinks on small data
+                (`training.retrieval_models.batch_size_for`).
             conditions: `ConditionConfig` fields (where explicit conditions come from, the relevance filter).
             model_config: `MultiInterestConfig` fields (max_interests, dim, temperature, ...).
         """
@@ -494,8 +496,9 @@ class MultiInterestRetrieval:
         self.model: MultiInterestModel | None = None
 
     def fit(self, task: "RetrievalTask", cfg: "TrainConfig") -> dict:
-        """Trains on `task.train_events` only; returns {"seconds", "examples_per_s", "examples", "history"}."""
-        from training.retrieval_models import tower_data
+        """Trains on `task.train_events` only; returns {"seconds", "examples_per_s", "examples", "batch_size",
+        "history"}."""
+        from training.retrieval_models import batch_size_for, tower_data
         from training.train_loop import FitSpec, build_model, fit_on_ray
         from training.two_tower import TOWER_INPUTS
 
@@ -503,15 +506,17 @@ class MultiInterestRetrieval:
         data = tower_data(task)  # the seed model's examples, repeats of seen items dropped: same data, fair compare
         sizes = {k: v for k, v in task.space.sizes.items() if k in MultiInterestConfig.__dataclass_fields__}
         config = MultiInterestConfig(**sizes, **({"dim": cfg.dim} | self.model_config))
-        spec = FitSpec(MODEL, config.to_dict(), TOWER_INPUTS, self.epochs or cfg.tower_epochs,
-                       self.batch_size or cfg.tower_batch_size, self.lr or cfg.tower_lr)
+        # A batch size given here is used as is; the configured one shrinks on small data (the seed model's rule).
+        batch_size = self.batch_size or batch_size_for(len(data["target"]), cfg.num_workers, cfg.tower_batch_size)
+        spec = FitSpec(MODEL, config.to_dict(), TOWER_INPUTS, self.epochs or cfg.tower_epochs, batch_size,
+                       self.lr or cfg.tower_lr)
         run = f"{self.name}-{task.dataset or 'data'}-{task.protocol}-{uuid.uuid4().hex[:8]}"  # fresh: never resumes
         state, history = fit_on_ray(spec, data, cfg, run)
         model = build_model(MODEL, spec.model_config)
         model.load_state_dict(state)
         self.model = model.eval()
         return {"seconds": time.perf_counter() - t0, "examples_per_s": float(history[-1]["examples_per_s"]),
-                "examples": int(len(data["target"])), "history": history}
+                "examples": int(len(data["target"])), "batch_size": batch_size, "history": history}
 
     def _trained(self) -> MultiInterestModel:
         if self.model is None:

@@ -218,3 +218,26 @@ def test_harness_adapter_returns_k_distinct_unseen_items_with_reasons():
         assert all(r.startswith(("interest:", "condition:category=")) for r in why)
     used = adapter.interests(task)
     assert used.shape == (40,) and used.min() >= 1 and used.max() <= 4
+
+
+def test_harness_adapter_shrinks_the_configured_batch_on_small_data_only(monkeypatch):
+    """Same rule as the seed model (`batch_size_for`): a small shop still gets enough optimiser steps per epoch."""
+    import training.train_loop as train_loop
+    from training.protocols import leave_last_out
+    from training.retrieval_models import batch_size_for, tower_data
+
+    task = leave_last_out(generate_shop("tiny", seed=0), max_users=40)
+    specs = []
+
+    def fake_fit_on_ray(spec, data, cfg, run_name):
+        specs.append(spec)
+        model = train_loop.build_model(spec.model, spec.model_config)
+        return model.state_dict(), [{"epoch": 1, "loss": 0.0, "examples_per_s": 1.0}]
+
+    monkeypatch.setattr(train_loop, "fit_on_ray", fake_fit_on_ray)
+    cfg = train_loop.TrainConfig(num_workers=2, tower_batch_size=1024, dim=16)
+    info = MultiInterestRetrieval().fit(task, cfg)
+    n = len(tower_data(task)["target"])
+    assert specs[-1].batch_size == info["batch_size"] == batch_size_for(n, 2, 1024) < 1024
+    MultiInterestRetrieval(batch_size=512).fit(task, cfg)
+    assert specs[-1].batch_size == 512  # given explicitly: used as is

@@ -11,8 +11,8 @@ import torch
 
 from training.metrics import recall_at_k
 from training.protocols import leave_last_out
-from training.retrieval_models import (InBatchTwoTower, SASRecRetrieval, SeedTwoTowerRetrieval, sasrec_data,
-                                       tower_data)
+from training.retrieval_models import (MIN_BATCH_SIZE, MIN_STEPS_PER_EPOCH, InBatchTwoTower, SASRecRetrieval,
+                                       SeedTwoTowerRetrieval, batch_size_for, sasrec_data, tower_data)
 from training.sasrec import SEQUENCE_INPUTS
 from training.synthetic import generate_shop
 from training.train_loop import TrainConfig, build_model
@@ -83,6 +83,55 @@ def test_fit_spec_carries_the_model_class_config_and_schedule(task):
     sas = SASRecRetrieval().fit_spec(task, TrainConfig())
     assert sas.model == "training.sasrec:SASRec" and sas.inputs == SEQUENCE_INPUTS and sas.batch_size == 128
     assert InBatchTwoTower().fit_spec(task, TrainConfig()).model == "training.two_tower:TwoTower"
+
+
+def test_large_data_keeps_the_configured_batch_size():
+    enough = 1024 * 2 * MIN_STEPS_PER_EPOCH
+    assert batch_size_for(enough, 2, 1024) == 1024
+    assert batch_size_for(84_074, 2, 1024) == 1024  # the demo shop's leave-last-out examples: unchanged
+    assert batch_size_for(enough - 2 * MIN_STEPS_PER_EPOCH, 2, 1024) == 1023
+
+
+@pytest.mark.parametrize("n", [6_801, 20_000, 50_000])
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_small_data_shrinks_the_batch_so_an_epoch_has_the_minimum_steps(n, workers):
+    b = batch_size_for(n, workers, 1024)
+    assert MIN_BATCH_SIZE <= b <= 1024
+    assert n // (b * workers) >= MIN_STEPS_PER_EPOCH  # the train loop's steps per epoch
+
+
+def test_tiny_data_stops_at_the_batch_floor_and_never_raises_a_small_batch():
+    assert batch_size_for(500, 2, 1024) == MIN_BATCH_SIZE
+    assert batch_size_for(500, 2, 1024, min_batch=16) == 16
+    assert batch_size_for(500, 2, 8) == 8  # a configured batch below the floor stays
+
+
+def test_fit_spec_shrinks_only_a_batch_size_the_caller_did_not_give(task):
+    cfg = TrainConfig(num_workers=2, tower_batch_size=1024)
+    assert SeedTwoTowerRetrieval().fit_spec(task, cfg, n_examples=8_000).batch_size == 100
+    assert SeedTwoTowerRetrieval().fit_spec(task, cfg).batch_size == 1024  # no example count: as configured
+    assert SeedTwoTowerRetrieval(batch_size=512).fit_spec(task, cfg, n_examples=8_000).batch_size == 512
+    assert SASRecRetrieval().fit_spec(task, cfg, n_examples=1_311).batch_size == 16  # windows: its own floor
+
+
+@pytest.mark.parametrize("adapter", [SeedTwoTowerRetrieval(), SeedTwoTowerRetrieval(user_encoder="attention"),
+                                     InBatchTwoTower(), SASRecRetrieval()],
+                         ids=["seed_transformer", "seed_attention", "in_batch", "sasrec"])
+def test_every_parameter_gets_a_gradient_on_every_batch(task, adapter):
+    """DDP (find_unused_parameters=False) fails on the next step when a parameter got no gradient on some rank."""
+    data = adapter.training_data(task)
+    spec = adapter.fit_spec(task, TrainConfig(dim=16), n_examples=len(data[adapter.inputs[0]]))
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.model_config)
+    model.prepare(data)
+    rng = np.random.default_rng(0)
+    for b in (1, 2, spec.batch_size, 3 * spec.batch_size):
+        idx = rng.integers(0, len(data[spec.inputs[0]]), size=b)
+        model.zero_grad(set_to_none=True)
+        loss = model(*(torch.from_numpy(data[k][idx]) for k in spec.inputs))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_unknown_model_config_keys_are_named():
