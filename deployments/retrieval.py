@@ -7,6 +7,7 @@ and shares the k candidates between them by quota, each candidate carrying the r
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,32 +19,63 @@ from indexing.embed import get_shards, read_index_manifest
 from indexing.shards import merge_top_k
 from training.bundle import load_bundle
 from training.features import USER_INPUTS
-from training.multi_interest import (ConditionConfig, category_query_buckets, explicit_conditions, interest_queries,
-                                     merge_queries)
+from training.multi_interest import (ConditionConfig, InterestQueries, category_query_buckets, explicit_conditions,
+                                     interest_queries, merge_queries)
 
 COLD_START_EACH = 250  # popular and new items offered to a user without history, before ranking
 
 Search = Callable[[np.ndarray, int], Awaitable[tuple[np.ndarray, np.ndarray]]]  # (nq, D), k -> D, I (nq, k)
 
 
-async def interest_candidates(model: torch.nn.Module, features: dict[str, np.ndarray], search: Search, k: int,
-                              item_category: np.ndarray, category_names: list[str], query_category: np.ndarray,
-                              conditions: ConditionConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """One request's multi-interest retrieval: queries per interest and condition, one search, the quota merge.
+def build_interest_queries(model: torch.nn.Module, features: dict[str, np.ndarray], item_category: np.ndarray,
+                           category_names: list[str], query_category: np.ndarray,
+                           conditions: ConditionConfig) -> InterestQueries:
+    """One request's multi-interest queries: one per interest and per explicit condition.
 
     Args:
         features: the encoded request (`USER_INPUTS` arrays, one row each).
-        search: the version's index (all shards), searched once with every query.
         item_category: (n_items + 1,) category index per item index, for the conditions' relevance filter.
         category_names: the bundle's category vocabulary; query_category: see `category_query_buckets`.
-    Returns:
-        item indices (m,), scores (m,) and m reasons ("interest:<i>" or "condition:category=<c>"), m <= k.
     """
     conds = explicit_conditions(features["hist_items"], features["context"], item_category, query_category,
                                 conditions)
-    q = interest_queries(model, *(features[name] for name in USER_INPUTS), conds, category_names)
+    return interest_queries(model, *(features[name] for name in USER_INPUTS), conds, category_names)
+
+
+async def interest_candidates(q: InterestQueries, search: Search, k: int, item_category: np.ndarray,
+                              min_score: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One search with every query, then the quota merge: item indices (m,), scores (m,) and m reasons
+    ("interest:<i>" or "condition:category=<c>"), m <= k."""
     D, I = await search(q.xq, k)  # (nq, k)
-    return merge_queries(D, I, q, 1, k, item_category, conditions.min_score)[0]
+    return merge_queries(D, I, q, 1, k, item_category, min_score)[0]
+
+
+class QueryCache:
+    """Least-recently-used cache of user queries, keyed by the encoded request's bytes.
+
+    The key holds the history with its age buckets and the context, so an event posted to /events (or an action
+    ageing into the next bucket) is a new key: a cached vector is only reused for exactly the same user state.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size, self.hits, self.misses = size, 0, 0
+        self._entries: OrderedDict[bytes, Any] = OrderedDict()
+
+    @staticmethod
+    def key(features: dict[str, np.ndarray]) -> bytes:
+        return b"".join(np.ascontiguousarray(features[name]).tobytes() for name in USER_INPUTS)
+
+    def get_or_compute(self, features: dict[str, np.ndarray], compute: Callable[[], Any]) -> Any:
+        key = self.key(features)
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        value = self._entries[key] = compute()
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1},
@@ -67,6 +99,7 @@ class Retrieval:
         self.categories = list(bundle.space.categories)
         self.query_category = category_query_buckets(self.categories)
         self.item_category = bundle.item_features().category_idx
+        self.cache = QueryCache()
 
     async def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(nq, D) queries -> scores and item indices (nq, k) over every shard, -1 where fewer than k exist."""
@@ -81,17 +114,23 @@ class Retrieval:
             return {"item_idx": idx, "scores": np.zeros(len(idx), np.float32), "reasons": reasons[:k],
                     "cold_start": True}
         if self.multi_interest:
-            idx, scores, reasons = await interest_candidates(self.model, features, self.search, k, self.item_category,
-                                                             self.categories, self.query_category, self.conditions)
+            q = self.cache.get_or_compute(features, lambda: build_interest_queries(
+                self.model, features, self.item_category, self.categories, self.query_category, self.conditions))
+            idx, scores, reasons = await interest_candidates(q, self.search, k, self.item_category,
+                                                             self.conditions.min_score)
             return {"item_idx": idx, "scores": scores, "reasons": reasons, "cold_start": False}
-        with torch.inference_mode():
-            # torch.tensor copies: arrays arriving through Serve are read-only.
-            xq = self.model.user_tower(*(torch.tensor(features[name]) for name in USER_INPUTS)).numpy()  # (1, D)
+        xq = self.cache.get_or_compute(features, lambda: self._user_vector(features))  # (1, D)
         D, I = await self.search(xq, k)
         keep = I[0] >= 0
         return {"item_idx": I[0][keep], "scores": D[0][keep], "reasons": ["retrieval"] * int(keep.sum()),
                 "cold_start": False}
 
+    def _user_vector(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            # torch.tensor copies: arrays arriving through Serve are read-only.
+            return self.model.user_tower(*(torch.tensor(features[name]) for name in USER_INPUTS)).numpy()
+
     async def health(self) -> dict[str, Any]:
         stats = await asyncio.gather(*[s.stats.remote() for s in self.shards])
-        return {"shards": len(stats), "items": sum(s["ntotal"] for s in stats)}
+        return {"shards": len(stats), "items": sum(s["ntotal"] for s in stats),
+                "query_cache": {"hits": self.cache.hits, "misses": self.cache.misses}}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.retrieval import interest_candidates
+from deployments.retrieval import QueryCache, build_interest_queries, interest_candidates
 from indexing.shards import FaissShard, merge_top_k
 from training.features import query_tokens
 from training.multi_interest import (ConditionConfig, MultiInterestConfig, MultiInterestModel, category_query_buckets,
@@ -117,8 +117,10 @@ def test_serving_path_over_faiss_shards_equals_the_exact_merge():
     features = {"hist_items": np.array([[1, 2, 3, 11, 12, 13, 21, 22, 23]]), "hist_actions": np.full((1, 9), 2),
                 "hist_ages": np.full((1, 9), 3), "context": ctx}
     names = ["c1", "c2", "c3"]
-    items, scores, reasons = asyncio.run(interest_candidates(model, features, search, 12, item_category, names,
-                                                             category_query_buckets(names), ConditionConfig()))
+    q_serving = build_interest_queries(model, features, item_category, names, category_query_buckets(names),
+                                       ConditionConfig())
+    items, scores, reasons = asyncio.run(interest_candidates(q_serving, search, 12, item_category,
+                                                             ConditionConfig().min_score))
     assert len(items) == 12 and len(set(items.tolist())) == 12
     assert {r.split(":")[0] for r in reasons} == {"interest", "condition"}
     from_condition = items[[r == "condition:category=c2" for r in reasons]]
@@ -134,3 +136,16 @@ def test_serving_path_over_faiss_shards_equals_the_exact_merge():
                                                           ConditionConfig().min_score)[0]
     assert items.tolist() == want_items.tolist() and reasons == want_reasons
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_query_cache_reuses_a_vector_only_for_the_same_user_state():
+    cache, calls = QueryCache(size=2), []
+    state = {"hist_items": np.array([[0, 5]]), "hist_actions": np.array([[0, 2]]), "hist_ages": np.array([[0, 3]]),
+             "context": np.zeros((1, 8), dtype=np.int64)}
+    compute = lambda: calls.append(1) or len(calls)  # noqa: E731 - counts the tower passes
+    assert cache.get_or_compute(state, compute) == cache.get_or_compute(dict(state), compute) == 1
+    older = state | {"hist_ages": np.array([[0, 4]])}  # the same action, an age bucket later: a new state
+    clicked = state | {"hist_items": np.array([[5, 7]]), "hist_actions": np.array([[2, 2]])}
+    assert cache.get_or_compute(older, compute) == 2 and cache.get_or_compute(clicked, compute) == 3
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert cache.get_or_compute(state, compute) == 4  # evicted: the cache holds the 2 most recent states
