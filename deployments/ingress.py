@@ -131,6 +131,10 @@ class PolicyRegistry:
                 pass
         return self.version, self.policy
 
+    async def leave(self, replica: str) -> None:
+        """A replica shutting down (a roll, a downscale) is no longer waited for."""
+        self.seen.pop(replica, None)
+
     async def pending(self, version: int) -> list[str]:
         """Live replicas (heard from within LIVE_S) that do not yet run ``version``."""
         now = time.monotonic()
@@ -263,6 +267,16 @@ class Ingress:
             except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError) as e:
                 logger.warning(f"policy registry unreachable ({type(e).__name__}); retrying in 1 s")
                 await asyncio.sleep(1.0)
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica shuts down: stop following and leave the registry, so an admin change
+        does not wait for a replica that is gone (one that dies without it ages out after LIVE_S)."""
+        if self.follower is not None:
+            self.follower.cancel()
+        try:
+            await self.registry.leave.remote(self.replica)
+        except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError):
+            pass  # the registry is gone too: nothing to leave
 
     def _config_for(self, page: str) -> PolicyConfig:
         config = self.by_page.get(page)

@@ -98,6 +98,12 @@ def test_registry_wakes_followers_tracks_what_each_replica_runs_and_keeps_admin_
         assert await reg.pending(v2) == ["r1"]  # r1 was last heard running v1
         await reg.wait_newer("r1", v2, timeout_s=0.01)
         assert await reg.pending(v2) == [] and await reg.applied(v2) == 1
+        await reg.wait_newer("r0", v1, timeout_s=0.01)  # a replica that is rolled away before the next change
+        v3 = await reg.set({"max_brand_run": 3})
+        assert await reg.pending(v3) == ["r0", "r1"]
+        await reg.leave("r0")
+        assert await reg.pending(v3) == ["r1"]
+        await reg.wait_newer("r1", v3, timeout_s=0.01)
         assert (await reg.publish_base({"max_brand_run": 1}))[1] == {"max_brand_run": 3}  # redeploy, same base
         assert (await reg.publish_base({"max_brand_run": 2}))[1] == {"max_brand_run": 2}  # changed base wins
 
