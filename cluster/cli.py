@@ -51,6 +51,12 @@ def _demo(args: argparse.Namespace, keep_serving: bool = False) -> None:
     run_demo(load_config(args.config), keep_serving=keep_serving)
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from training.harness import eval_command
+
+    eval_command(args, load_config(args.config).train)
+
+
 BENCHMARKS = ("stages", "ranking", "policy", "training")  # modules of bench/, each with main(argv)
 
 
@@ -83,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--shards", type=int, default=None)
     i.add_argument("--config", default=None)
     i.set_defaults(func=_index)
+
+    e = sub.add_parser("eval", help="train every retrieval model and baseline on a data set (on Ray Train), evaluate "
+                       "them, and write results.json, report.md and plots")
+    from training.harness import add_eval_arguments  # one definition of the arguments, beside eval_command
+
+    add_eval_arguments(e)
+    e.set_defaults(func=_eval)
 
     b = sub.add_parser("bench", help="run a benchmark of bench/ (its own options follow, e.g. --out FILE.json)")
     b.add_argument("name", choices=BENCHMARKS)

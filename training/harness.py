@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ REGISTRY: dict[str, str] = {
     "multi_interest": "training.multi_interest:MultiInterestRetrieval",
 }
 PROTOCOLS = ("leave_last_out", "temporal")
-RANKING_SECTION = "training.ranking_eval"  # issue 5's section: ranking_section(task, candidates, cfg, out_dir)
 K = max(HARNESS_KS)  # every model returns its top 500: the candidate budget, and the deepest metric cut-off
 HISTORY_BUCKETS = ((1, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, None))  # distinct items seen before prediction
 
@@ -156,8 +154,7 @@ def _start_ray_if_needed(models: list[RetrievalModel], sections: bool) -> bool:
 
     Embedded (this process's own local Ray) unless RAY_ADDRESS names a cluster, which ray.init() then joins.
     """
-    section_trains = sections and importlib.util.find_spec(RANKING_SECTION) is not None
-    if not section_trains and not any(getattr(m, "needs_ray", True) for m in models):
+    if not sections and not any(getattr(m, "needs_ray", True) for m in models):  # the ranking section trains
         return False
     import ray
 
@@ -171,10 +168,12 @@ def _start_ray_if_needed(models: list[RetrievalModel], sections: bool) -> bool:
     return True
 
 
-def _ranking_sections(task: RetrievalTask, candidates: np.ndarray, cfg: TrainConfig, out: Path) -> list[dict]:
-    if importlib.util.find_spec(RANKING_SECTION) is None:
-        return []
-    return [importlib.import_module(RANKING_SECTION).ranking_section(task, candidates, cfg, out)]
+def _sections(task: RetrievalTask, candidates: np.ndarray, cfg: TrainConfig, out: Path) -> list[dict]:
+    """The other stages' report sections on the same users and candidates: ranking (issue 5), policy (issue 6)."""
+    from training.policy_eval import policy_section
+    from training.ranking_eval import ranking_section
+
+    return [ranking_section(task, candidates, cfg, out), policy_section(task, candidates)]
 
 
 def _candidate_source(ranked: dict[str, np.ndarray], models: dict) -> str:
@@ -225,7 +224,7 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
               "failed": failed, "multi_interest_gain": multi_interest_gain(task, per_user), "sections": []}
     if with_sections and models:
         source = _candidate_source(ranked_by, models)
-        result["sections"] = _ranking_sections(task, ranked_by[source], cfg, out)
+        result["sections"] = _sections(task, ranked_by[source], cfg, out)
         result["section_candidates"] = source
     return result
 

@@ -147,3 +147,35 @@ def shop_rule_effects(shop, config: PolicyConfig = PolicyConfig(), n_users: int 
     targets = [np.array(sorted(later[user_ids[u]])) for u in chosen]
     # Judged on the home surface: a synthetic user has no single page, and home runs the most rules.
     return rule_effects(ranked, scores, catalog, users, targets, config, k, pages=["home"] * len(chosen))
+
+
+def policy_section(task, candidates: np.ndarray, config: PolicyConfig = PolicyConfig(), k: int = 10,
+                   page: str = "home") -> dict:
+    """The `recsys eval` report section: `rule_effects` on the retrieval model's lists for the task's users.
+
+    Args:
+        task: the harness's RetrievalTask (catalog, training events, users, targets, prediction times).
+        candidates: (n_users, N) item indices best first (0 = none), e.g. the seed two-tower's top 500; their
+            order is the score (the ranker is measured in its own section).
+        config: the policy; each user's list gets its `page` preset.
+    Returns:
+        {"name": "policy", "results", "markdown", "figures"}.
+    """
+    from training.replay import catalog_arrays, purchases_by_user
+
+    ranked = np.where(candidates > 0, candidates - 1, -1)  # item index -> catalog row
+    n, width = ranked.shape
+    scores = np.broadcast_to(-np.arange(width, dtype=np.float32), (n, width)).copy()  # retrieval order as score
+    bought = purchases_by_user(task.train_events)
+    users = [UserState(bought.get(u, {}), float(t) / 1000.0) for u, t in zip(task.user_ids, task.at_ms)]
+    targets = [t - 1 for t in task.targets]
+    table = rule_effects(ranked, scores, catalog_arrays(task.catalog), users, targets, config, k,
+                         pages=[page] * n)
+    cols = list(next(iter(table.values())))
+    md = [f"Policy rules on the top {width} of the retrieval model for {n:,} users ({task.protocol}, page preset "
+          f"`{page}`): the final top {k} with all rules, without each rule, and with none. Repeat purchases count "
+          "items bought in the training period.", "",
+          "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    md += [f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |" for name, row in table.items()]
+    return {"name": "policy", "results": {"page": page, "k": k, "users": n, "effects": table},
+            "markdown": "\n".join(md), "figures": []}

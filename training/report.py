@@ -141,6 +141,28 @@ def plot_gain(gain: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+SEED_MODEL = "two_tower"  # the seed-000 model every other model is compared with
+
+
+def seed_verdict(models: dict, metrics: tuple[str, ...] = ("ndcg@10", "recall@100")) -> str:
+    """One sentence per metric: does the seed model beat every other model, or by how much does it fall short."""
+    if SEED_MODEL not in models or len(models) < 2:
+        return ""
+    out = []
+    for metric in metrics:
+        seed = models[SEED_MODEL]["full"][metric]
+        others = {n: m["full"][metric] for n, m in models.items() if n != SEED_MODEL and m["full"][metric] is not None}
+        best = max(others, key=others.get)
+        if seed is not None and seed > others[best]:
+            out.append(f"{metric}: `{SEED_MODEL}` beats every other model ({seed:.4f}; next best `{best}` "
+                       f"{others[best]:.4f}).")
+        else:
+            gap = others[best] - (seed or 0.0)
+            out.append(f"{metric}: `{SEED_MODEL}` ({_fmt(seed)}) falls short of `{best}` ({others[best]:.4f}) by "
+                       f"{gap:.4f} ({gap / others[best]:.0%} of the best).")
+    return " ".join(out)
+
+
 def _protocol_markdown(name: str, p: dict, out_dir: Path) -> tuple[list[str], list[str]]:
     """The markdown lines and the figure files of one protocol."""
     models, figures = p["models"], []
@@ -155,7 +177,8 @@ def _protocol_markdown(name: str, p: dict, out_dir: Path) -> tuple[list[str], li
         lines += [f"- **{m}**: `{err.splitlines()[0][:300]}`" for m, err in p["failed"].items()] + [""]
     if not models:
         return lines, figures
-    lines += ["### Main table (full ranking)", "", main_table(models), "",
+    verdict = seed_verdict(models)
+    lines += ["### Main table (full ranking)", "", main_table(models), ""] + ([verdict, ""] if verdict else []) + [
               "novel R@100: recall@100 on targets created after the new-item instant; brand run@10: mean longest run "
               "of same-brand items in the top 10; brands@10: mean distinct brands in the top 10; coverage@100: share "
               "of the catalog in any top-100 list; train ex/s: training examples (interactions for the baselines) "

@@ -64,3 +64,14 @@ def test_to_jsonable_converts_numpy_and_non_finite() -> None:
     out = to_jsonable({"a": np.float32(0.5), "b": [np.int64(3), float("inf")], 4: (1.0, float("nan"))})
     assert out == {"a": 0.5, "b": [3, None], "4": [1.0, None]}
     assert json.dumps(out, allow_nan=False) and not math.isnan(out["a"])
+
+
+def test_seed_verdict_says_whether_the_seed_model_wins_or_by_how_much_it_falls_short():
+    from training.report import seed_verdict
+
+    models = {"two_tower": {"full": {"ndcg@10": 0.10, "recall@100": 0.50}},
+              "ease": {"full": {"ndcg@10": 0.12, "recall@100": 0.40}}}
+    verdict = seed_verdict(models)
+    assert "falls short of `ease` (0.1200) by 0.0200" in verdict
+    assert "recall@100: `two_tower` beats every other model" in verdict
+    assert seed_verdict({"ease": models["ease"]}) == ""
