@@ -1,6 +1,7 @@
 """The end-to-end demo: data -> Ray Train -> Ray Data indexing -> Ray Serve -> real HTTP requests, printed."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from cluster.serving import deploy_ingress, deploy_version, seed_online_store, s
 from indexing.embed import INDEX_MANIFEST, embed_catalog
 from training.bundle import MANIFEST, load_bundle
 from training.pipeline import train_version
+from training.train_loop import TrainConfig
 from training.schemas import read_shop, snapshot_id, write_shop
 from training.synthetic import generate_shop
 
@@ -41,6 +43,12 @@ def ensure_shop(cfg: RecsysConfig) -> Path:
     return out
 
 
+def version_train_config(cfg: RecsysConfig, version: str, i: int) -> TrainConfig:
+    """The i-th demo version's training config: its own seed and its retrieval model (`demo.retrieval`)."""
+    return dataclasses.replace(cfg.train, seed=cfg.train.seed + i,
+                               retrieval_model=cfg.demo.retrieval.get(version, cfg.train.retrieval_model))
+
+
 def ensure_bundles(cfg: RecsysConfig, shop_dir: Path) -> dict[str, Path]:
     """Trains (or reuses, for the same data snapshot) one bundle per demo version, then builds each one's index."""
     root = Path(cfg.demo.bundles_dir) / f"shop-{snapshot_id(shop_dir)}"
@@ -50,8 +58,9 @@ def ensure_bundles(cfg: RecsysConfig, shop_dir: Path) -> dict[str, Path]:
         if (path / MANIFEST).is_file():
             console.print(f"[bold]train[/] reusing bundle {path}")
         else:
-            console.rule(f"training {version} on Ray Train ({cfg.train.num_workers} workers)")
-            train_cfg = type(cfg.train)(**{**cfg.train.to_dict(), "seed": cfg.train.seed + i})
+            train_cfg = version_train_config(cfg, version, i)
+            console.rule(f"training {version} ({train_cfg.retrieval_model} + ranker) on Ray Train "
+                         f"({cfg.train.num_workers} workers)")
             train_version(shop_dir, root, version, train_cfg)
         console.rule(f"indexing {version} on Ray Data into {cfg.index.n_shards} FAISS shard actors")
         manifest = embed_catalog(path, cfg.index)
@@ -83,8 +92,7 @@ def metrics_table(bundles: dict[str, Path]) -> Table:
         table.add_column(col, justify="right" if col not in ("version", "model") else "left")
     for version, path in bundles.items():
         retrieval = load_bundle(path).metrics["retrieval"]
-        for model in ("two_tower", "popularity"):
-            m = retrieval[model]
+        for model, m in retrieval.items():  # the version's retrieval model, then popularity
             table.add_row(version, model, f"{m['recall@10']:.4f}", f"{m['recall@100']:.4f}", f"{m['ndcg@10']:.4f}",
                           str(int(m["users"])))
     return table

@@ -45,12 +45,6 @@ def popularity_ranked(popularity: np.ndarray, ev: EvalSet, k: int = max(KS)) -> 
     return top_k_excluding(scores, k, ev.seen)
 
 
-def evaluate_retrieval(model: TwoTower, popularity: np.ndarray, ev: EvalSet) -> dict[str, dict[str, float]]:
-    """Recall/NDCG/HR at `KS` for the two-tower and the popularity baseline on the same users."""
-    return {"two_tower": evaluate_ranked(two_tower_ranked(model, ev), ev.targets, KS),
-            "popularity": evaluate_ranked(popularity_ranked(popularity, ev), ev.targets, KS)}
-
-
 @torch.inference_mode()
 def evaluate_ranker(model: MultiTaskRanker, imp: Impressions, chunk: int = 65536) -> dict[str, dict[str, float]]:
     """AUC and log-loss per task on held-out impressions."""

@@ -1,4 +1,4 @@
-"""Trains one model version end to end: shop -> split -> examples -> Ray Train (towers, ranker) -> eval -> bundle."""
+"""Trains one model version end to end: shop -> temporal split -> Ray Train (retrieval, ranker) -> eval -> bundle."""
 from __future__ import annotations
 
 import time
@@ -9,15 +9,16 @@ import pyarrow as pa
 import torch
 
 from training.bundle import check_version, write_bundle
-from training.examples import eval_set, impressions, temporal_split, tower_examples
-from training.features import build_feature_space, engagements_of, in_stock, item_feature_table
-from training.metrics import popularity_counts
-from training.offline_eval import evaluate_ranker, evaluate_retrieval
+from training.examples import impressions
+from training.features import engagements_of, in_stock, item_feature_table
+from training.harness import load_model
+from training.metrics import evaluate_ranked
+from training.offline_eval import KS, evaluate_ranker, popularity_ranked
+from training.protocols import temporal
 from training.ranker import MultiTaskRanker, RankerConfig
 from training.ranking_eval import add_sampled_negatives
 from training.schemas import read_shop, snapshot_id
-from training.train_loop import RANKER, TWO_TOWER, FitSpec, TrainConfig, build_model, fit_on_ray
-from training.two_tower import TwoTowerConfig
+from training.train_loop import RANKER, FitSpec, TrainConfig, build_model, fit_on_ray
 
 
 def _log(msg: str) -> None:
@@ -36,58 +37,59 @@ def items_table(catalog: pa.Table, space, popularity: np.ndarray) -> pa.Table:
         "in_stock", pa.array(in_stock(catalog)))
 
 
+RETRIEVAL_MODELS = ("two_tower", "two_tower_in_batch", "multi_interest")  # harness registry names a bundle can carry
+
+
 def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, cfg: TrainConfig) -> Path:
-    """Trains the two-tower model and the ranker on Ray Train and writes `bundles_dir/<version>/`."""
+    """Trains the retrieval model (`cfg.retrieval_model`) and the ranker on Ray Train; writes `bundles_dir/<version>/`.
+
+    Both learn from the events before a global temporal cutoff; the metrics in the bundle come from the events
+    after it (the harness's temporal protocol), with popularity as the reference.
+    """
     check_version(version)
+    if cfg.retrieval_model not in RETRIEVAL_MODELS:
+        raise ValueError(f"retrieval_model must be one of {list(RETRIEVAL_MODELS)}, got {cfg.retrieval_model!r}")
     t_start = time.perf_counter()
     shop = read_shop(shop_dir)
-    space = build_feature_space(shop.catalog, shop.users, shop.events, history_len=cfg.history_len)
-    split = temporal_split(shop.events, cfg.test_fraction)
+    task = temporal(shop, cfg.test_fraction, max_users=cfg.eval_users, seed=cfg.seed, history_len=cfg.history_len,
+                    dataset=Path(shop_dir).name)
+    space, feats = task.space, task.item_features
     _log(f"{len(shop.catalog):,} items, {len(shop.users):,} users, {len(shop.events):,} events; "
-         f"train {len(split.train):,} / test {len(split.test):,} events (temporal split)")
+         f"{task.train_events.num_rows:,} events before the temporal cutoff")
 
-    feats = item_feature_table(shop.catalog, space)
-    lookups = {"item_brand": feats.brand_idx, "item_category": feats.category_idx, "item_price": feats.price_bucket}
-    tower_data = tower_examples(split.train, space, feats.category_idx)
-    history = engagements_of(split.train, space)
-    popularity = popularity_counts(history.item_idx, space.n_items)
-    views = impressions(split.train, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
+    retriever = load_model(cfg.retrieval_model)
+    retriever.run_name = f"{version}-{cfg.retrieval_model}"
+    tower_info = retriever.fit(task, cfg)
+    tower = retriever.model
+
+    history = engagements_of(task.train_events, space)
+    views = impressions(task.train_events, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
                         item_category=feats.category_idx)
     # One unshown item per view as a negative: logged views all come from the user's interests, so without them a
     # ranker never learns that an off-interest candidate is bad (exposure bias; see training.ranking_eval).
     ranker_data = add_sampled_negatives(views, space.n_items, cfg.ranker_negatives_per_view, cfg.seed)
-    _log(f"{len(tower_data):,} two-tower examples, {len(ranker_data):,} ranker impressions")
-
-    sizes = space.sizes
-    tower_cfg = TwoTowerConfig(**sizes, dim=cfg.dim)
-    ranker_cfg = RankerConfig(**sizes)
-    tower_inputs = tower_data.as_dict() | lookups | {"item_counts": np.bincount(tower_data.target,
-                                                                                minlength=space.n_items + 1)}
-    tower_spec = FitSpec(TWO_TOWER, tower_cfg.to_dict(), ("hist_items", "hist_actions", "hist_ages", "context", "target"),
-                         cfg.tower_epochs, cfg.tower_batch_size, cfg.tower_lr)
-    ranker_spec = FitSpec(RANKER, ranker_cfg.to_dict(), MultiTaskRanker.TRAIN_INPUTS, cfg.ranker_epochs,
-                          cfg.ranker_batch_size, cfg.ranker_lr)
-    tower_state, tower_hist = fit_on_ray(tower_spec, tower_inputs, cfg, f"{version}-two_tower")
+    lookups = {"item_brand": feats.brand_idx, "item_category": feats.category_idx, "item_price": feats.price_bucket}
+    _log(f"{len(ranker_data):,} ranker examples ({len(views):,} views and their sampled negatives)")
+    ranker_spec = FitSpec(RANKER, RankerConfig(**space.sizes).to_dict(), MultiTaskRanker.TRAIN_INPUTS,
+                          cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr)
     ranker_state, ranker_hist = fit_on_ray(ranker_spec, ranker_data.as_dict() | lookups, cfg, f"{version}-ranker")
-    tower = build_model(tower_spec.model, tower_spec.model_config)
-    tower.load_state_dict(tower_state)
     ranker = build_model(ranker_spec.model, ranker_spec.model_config)
     ranker.load_state_dict(ranker_state)
 
     _log("evaluating on the held-out split")
-    ev = eval_set(split, space, max_users=cfg.eval_users, seed=cfg.seed)
     with torch.inference_mode():
-        retrieval = evaluate_retrieval(tower.eval(), popularity, ev)
+        retrieval = {cfg.retrieval_model: evaluate_ranked(retriever.recommend(task, max(KS)), task.targets, KS),
+                     "popularity": evaluate_ranked(popularity_ranked(task.popularity, task), task.targets, KS)}
         test_imp = impressions(shop.events, space, history, max_rows=200_000, seed=cfg.seed,
                                item_category=feats.category_idx)
         # Views after the cutoff, with histories frozen at the cutoff so nothing leaks from the test period.
-        ranking = evaluate_ranker(ranker.eval(), test_imp.subset(test_imp.time_ms >= split.cutoff_ms))
-    metrics = {"retrieval": retrieval, "ranking": ranking, "eval_users": len(ev.user_ids),
+        ranking = evaluate_ranker(ranker.eval(), test_imp.subset(test_imp.time_ms >= int(task.new_after_ms)))
+    metrics = {"retrieval": retrieval, "ranking": ranking, "eval_users": len(task.user_ids),
+               "retrieval_model": cfg.retrieval_model,
                "protocol": "global temporal split, full-catalog ranking, already-seen items excluded",
-               "training": {"two_tower": tower_hist, "ranker": ranker_hist},
+               "training": {"retrieval": tower_info["history"], "ranker": ranker_hist},
                "train_seconds": time.perf_counter() - t_start}
-    path = write_bundle(bundles_dir, version, space, items_table(shop.catalog, space, popularity), tower, ranker,
+    path = write_bundle(bundles_dir, version, space, items_table(shop.catalog, space, task.popularity), tower, ranker,
                         metrics, snapshot_id(shop_dir), cfg.to_dict())
     _log(f"bundle {path} written in {time.perf_counter() - t_start:.0f}s")
     return path
-

@@ -24,6 +24,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.5  # fractional so training fits beside Serve replicas on a 2-core machine
     threads_per_worker: int = 1  # torch intra-op threads; 1 avoids oversubscribing the cores the workers share
     use_gpu: bool = False  # one GPU per worker when true; nothing else changes
+    retrieval_model: str = "two_tower"  # the bundle's retrieval model: two_tower | two_tower_in_batch | multi_interest
     tower_epochs: int = 3
     tower_batch_size: int = 1024  # per worker; also the number of in-batch negatives
     tower_lr: float = 3e-3
@@ -146,7 +147,7 @@ def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
     Train hands the loop that checkpoint through `ray.train.get_checkpoint()`.
     """
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     loop_config = {"model": spec.model, "model_config": spec.model_config, "data": ray.put(data),
@@ -158,8 +159,8 @@ def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str(Path(cfg.storage_path).resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),  # the last two epochs suffice
+        # Every epoch's checkpoint is kept: Ray Train builds the metrics history from them.
+        run_config=RunConfig(name=run_name, storage_path=str(Path(cfg.storage_path).resolve())),
     )
     result = trainer.fit()
     if result.error is not None:

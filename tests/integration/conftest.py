@@ -12,6 +12,7 @@ WEIGHTS = {"v1": 90.0, "v2": 10.0}
 @pytest.fixture(scope="session")
 def tiny_stack(ray_cluster, serve_port: int, tmp_path_factory: pytest.TempPathFactory):
     from cluster.config import load_config
+    from cluster.demo import version_train_config
     from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
     from indexing.embed import embed_catalog
     from training.pipeline import train_version
@@ -25,9 +26,8 @@ def tiny_stack(ray_cluster, serve_port: int, tmp_path_factory: pytest.TempPathFa
     shop_dir = root / "shop"
     write_shop(generate_shop("tiny", seed=0), shop_dir)
     bundles = {}
-    for i, version in enumerate(WEIGHTS):
-        bundles[version] = train_version(shop_dir, root / "bundles", version,
-                                         dataclasses.replace(cfg.train, seed=i))
+    for i, version in enumerate(WEIGHTS):  # v1: the seed two-tower, v2: multi-interest (cluster/configs/tiny.yaml)
+        bundles[version] = train_version(shop_dir, root / "bundles", version, version_train_config(cfg, version, i))
         embed_catalog(bundles[version], cfg.index)
     start_serve(cfg.serving)
     seed_online_store(shop_dir)

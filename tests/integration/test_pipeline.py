@@ -41,7 +41,8 @@ def test_bundle_is_sealed_with_checksums_metrics_and_snapshot(tiny_stack):
     assert set(retrieval) == {"two_tower", "popularity"}
     assert retrieval["two_tower"]["users"] == retrieval["popularity"]["users"] > 0
     assert set(bundle.metrics["ranking"]) == {"click", "wishlist", "add_to_cart", "purchase"}
-    assert len(bundle.metrics["training"]["two_tower"]) == tiny_stack["cfg"].train.tower_epochs
+    assert len(bundle.metrics["training"]["retrieval"]) >= 1 and bundle.metrics["retrieval_model"] == "two_tower"
+    assert load_bundle(tiny_stack["bundles"]["v2"]).metrics["retrieval_model"] == "multi_interest"
 
 
 def test_shard_fan_out_and_merge_equals_one_exact_index_over_the_catalog(tiny_stack):
@@ -117,6 +118,31 @@ def test_posted_events_are_visible_to_the_next_recommend(tiny_stack):
     assert top not in ids[:10]  # bought in the last 60 days: sorted down
     if top in ids:
         assert after["items"][ids.index(top)]["reason"] == "policy:bought_down_sort"
+
+
+def test_the_user_tower_follows_events_posted_a_moment_ago(tiny_stack):
+    """The user vector is computed at request time from the online store: clicks on a second category move the
+    answer towards it (no policy rule involved: no page preset, diversity off)."""
+    from training.schemas import read_shop
+
+    catalog = read_shop(tiny_stack["shop"]).catalog.select(["item_id", "category"]).to_pandas()
+    first, second = catalog["category"].value_counts().index[:2]
+    user = "tower-shopper"
+
+    def click(category: str, n: int) -> None:
+        items = catalog.loc[catalog["category"] == category, "item_id"].iloc[:n]
+        post(tiny_stack, "/events", {"events": [{"user_id": user, "item_id": i, "action": "click"} for i in items]})
+
+    def share_of(category: str) -> float:
+        body = post(tiny_stack, "/recommend", {"user_id": user, "k": 100, "version": "v1",
+                                                "policy": {"brand_diversity": False}}).json()
+        assert body["cold_start"] is False
+        return float(np.mean([item["category"] == category for item in body["items"]]))
+
+    click(first, 10)
+    before = share_of(second)
+    click(second, 10)
+    assert share_of(second) > before
 
 
 @pytest.mark.parametrize("body, field", [
