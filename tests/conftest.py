@@ -1,10 +1,13 @@
-"""Shared fixtures. Integration tests share one local Ray, started once per session with its dashboard, so the
-job-submission test submits to a real job server and every other test reuses the cluster."""
+"""Shared fixtures. Integration tests share one local Ray head node, started once per session with `ray start`, so
+the job-submission test talks to a real cluster and every other test reuses it."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,28 +30,52 @@ def serve_port() -> int:
     return free_port()
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen, deadline_s: float = 120.0) -> None:
+    """Returns once something listens on the port; fails if the process died or the deadline passed."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"Ray head did not listen on port {port} within {deadline_s:.0f}s")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the session (logical CPUs: 4, so fractional actors of two versions fit on 2 cores).
+    """A head node started with `ray start --head` on free ports (logical CPUs: 4, so fractional actors of two
+    versions fit on 2 cores), so `ray job submit` talks to a real cluster and every integration test reuses it.
 
-    It is started by this process (`ray.init`) with its dashboard and job server on free ports, so `ray job submit`
-    reaches it like any head node, and `ray.shutdown()` stops exactly this cluster: never `ray stop`, which would
-    kill every Ray on the machine.
+    `--block` keeps `ray start` in the foreground as the leader of a new process group; the teardown signals that
+    group, which stops exactly this cluster: never `ray stop`, which would kill every Ray on the machine.
     """
     import ray
 
-    dashboard = free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "PATH")})  # job entrypoints
-    # run in the cluster's environment: `recsys` must be on its PATH
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     temp_dir = Path("/tmp") / f"ray-recsys-{os.getpid()}"  # short: Ray's socket paths must stay under 108 bytes
-    ctx = ray.init(num_cpus=4, namespace="recsys", log_to_driver=False, include_dashboard=True,
-                   dashboard_host="127.0.0.1", dashboard_port=dashboard, _temp_dir=str(temp_dir))
-    yield {"address": ctx.address_info["address"], "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
-    from ray import serve
-
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             # a free agent port too: the default 52365 is taken by any other Ray on the machine,
+                             # and a node without its agent cannot run submitted jobs
+                             f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}",
+                             "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        _wait_for_port(port, head)
+        ray.init(address=f"127.0.0.1:{port}", namespace="recsys", log_to_driver=False)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+        from ray import serve
+
         serve.shutdown()
     finally:
         ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,12 @@ def test_training_job_submitted_to_a_head_node_writes_a_bundle(ray_cluster, tmp_
     cmd = [str(ray_bin), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(ROOT),
            "--", "recsys", "train", "--data", str(tmp_path / "shop"), "--bundles", str(tmp_path / "bundles"),
            "--version", "vjob", "--config", "tiny"]
-    done = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
+    deadline = time.monotonic() + 120
+    while True:  # the node's job agent comes up a little after ray.init returns; the job server says so
+        done = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout.lower()
     manifest = json.loads((tmp_path / "bundles" / "vjob" / "manifest.json").read_text())
