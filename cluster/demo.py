@@ -17,7 +17,7 @@ from cluster.config import RecsysConfig
 from cluster.runtime import init_ray
 from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
 from indexing.embed import INDEX_MANIFEST, embed_catalog
-from training.bundle import MANIFEST, load_bundle
+from training.bundle import BUNDLE_FORMAT, MANIFEST, load_bundle
 from training.pipeline import train_version
 from training.train_loop import TrainConfig
 from training.schemas import read_shop, snapshot_id, write_shop
@@ -51,7 +51,7 @@ def version_train_config(cfg: RecsysConfig, version: str, i: int) -> TrainConfig
 
 def ensure_bundles(cfg: RecsysConfig, shop_dir: Path) -> dict[str, Path]:
     """Trains (or reuses, for the same data snapshot) one bundle per demo version, then builds each one's index."""
-    root = Path(cfg.demo.bundles_dir) / f"shop-{snapshot_id(shop_dir)}"
+    root = Path(cfg.demo.bundles_dir) / f"shop-{snapshot_id(shop_dir)}-format{BUNDLE_FORMAT}"
     bundles = {}
     for i, version in enumerate(cfg.demo.versions):
         path = root / version

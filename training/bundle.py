@@ -17,6 +17,9 @@ from training.features import FeatureSpace, ItemFeatures
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")  # also a Serve app name and an actor name prefix
 MANIFEST = "manifest.json"
+# Bumped when the files or configs a bundle holds change shape; a bundle of another format is refused, not misread.
+# 2: model class paths in config.json, action ages and query tokens in the model inputs, in_stock in items.parquet.
+BUNDLE_FORMAT = 2
 
 
 class BundleError(RuntimeError):
@@ -67,7 +70,7 @@ def write_bundle(root: str | Path, version: str, space: FeatureSpace, items: pa.
                                                   "train": train_config}, indent=2))
     (path / "metrics.json").write_text(json.dumps(metrics, indent=2))
     files = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.is_file())
-    manifest = {"version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    manifest = {"version": version, "format": BUNDLE_FORMAT, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "data_snapshot": snapshot_id, "files": {f: sha256_of(path / f) for f in files}, "metrics": metrics}
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
@@ -117,6 +120,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if not (path / MANIFEST).is_file():
         raise BundleError(f"{path}: no {MANIFEST}; not a bundle (train one with `recsys train`)")
     manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format", 1) != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: bundle format {manifest.get('format', 1)}, this code reads format {BUNDLE_FORMAT}; "
+                          "train the version again")
     for name, digest in manifest["files"].items():
         f = path / name
         if not f.is_file():

@@ -60,3 +60,11 @@ def test_config_unknown_keys_and_wrong_types_are_errors_naming_the_key(tmp_path)
     with pytest.raises(ValueError, match="max_brand_run"):
         load_config(tmp_path / "c.yaml")
     assert load_config("tiny").data.size == "tiny"
+
+
+def test_a_bundle_of_another_format_is_refused_with_a_clear_error(tmp_path):
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": "v0", "files": {}}))  # format 1: no field
+    with pytest.raises(BundleError, match="format 1, this code reads format"):
+        load_bundle(tmp_path)
