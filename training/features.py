@@ -27,6 +27,23 @@ USER_INPUTS = ("hist_items", "hist_actions", "hist_ages", "context")  # what a u
 CONTEXT_COLUMNS = ("country", "device", "page", "category") + tuple(f"query_{i}" for i in range(QUERY_TOKENS))
 
 
+@dataclass(frozen=True)
+class TableSizes:
+    """Embedding table sizes of one feature space (`FeatureSpace.sizes`), padding row 0 included; every model config
+    starts with them."""
+
+    n_items: int
+    n_brands: int
+    n_categories: int
+    n_price_buckets: int
+    n_countries: int
+    n_devices: int
+    n_pages: int
+    n_actions: int
+    n_ages: int
+    n_query_buckets: int
+
+
 def _vocab(values: Sequence[str]) -> dict[str, int]:
     return {v: i + 1 for i, v in enumerate(values)}
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding
-from training.features import QUERY_BUCKETS, QUERY_TOKENS, query_tokens
+from training.features import QUERY_BUCKETS, QUERY_TOKENS, TableSizes, query_tokens
 from training.offline_eval import item_vectors  # (n_items, D) of any model with item_tower_by_index
 from training.sampling import LogUniformSampler, num_negatives, sampled_softmax_loss
 from training.sasrec import SelfAttentionBlock, attention_mask, recency_positions
@@ -41,17 +41,7 @@ _NEG = -1e9  # a finite "minus infinity": a fully masked softmax row stays finit
 
 
 @dataclass(frozen=True)
-class MultiInterestConfig:
-    n_items: int  # table sizes include the padding row 0
-    n_brands: int
-    n_categories: int
-    n_price_buckets: int
-    n_countries: int
-    n_devices: int
-    n_pages: int
-    n_actions: int
-    n_ages: int
-    n_query_buckets: int
+class MultiInterestConfig(TableSizes):
     dim: int = 64  # same as the two-tower: the index and the shards do not change
     hidden: int = 128
     n_layers: int = 1  # self-attention blocks over the behaviours before routing (0 = route the raw tokens)

@@ -1,6 +1,8 @@
 """Trains one model version end to end: shop -> temporal split -> Ray Train (retrieval, ranker) -> eval -> bundle."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.bundle import check_version, write_bundle
+from training.bundle import BUNDLE_FORMAT, check_version, write_bundle
 from training.examples import impressions
 from training.features import engagements_of, in_stock, item_feature_table
 from training.harness import load_model
@@ -37,6 +39,13 @@ def items_table(catalog: pa.Table, space, popularity: np.ndarray) -> pa.Table:
         "in_stock", pa.array(in_stock(catalog)))
 
 
+def training_run_id(shop_dir: str | Path, cfg: TrainConfig) -> str:
+    """Names the Ray Train runs of one training attempt: the same data, config and bundle format give the same id,
+    so an interrupted `recsys train` resumes from its checkpoints, while any other attempt starts fresh."""
+    key = json.dumps({"data": snapshot_id(shop_dir), "train": cfg.to_dict(), "format": BUNDLE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
 RETRIEVAL_MODELS = ("two_tower", "two_tower_in_batch", "multi_interest")  # harness registry names a bundle can carry
 
 
@@ -57,8 +66,9 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     _log(f"{len(shop.catalog):,} items, {len(shop.users):,} users, {len(shop.events):,} events; "
          f"{task.train_events.num_rows:,} events before the temporal cutoff")
 
+    run_id = training_run_id(shop_dir, cfg)
     retriever = load_model(cfg.retrieval_model)
-    retriever.run_name = f"{version}-{cfg.retrieval_model}"
+    retriever.run_name = f"{version}-{cfg.retrieval_model}-{run_id}"
     tower_info = retriever.fit(task, cfg)
     tower = retriever.model
 
@@ -72,7 +82,8 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     _log(f"{len(ranker_data):,} ranker examples ({len(views):,} views and their sampled negatives)")
     ranker_spec = FitSpec(RANKER, RankerConfig(**space.sizes).to_dict(), MultiTaskRanker.TRAIN_INPUTS,
                           cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr)
-    ranker_state, ranker_hist = fit_on_ray(ranker_spec, ranker_data.as_dict() | lookups, cfg, f"{version}-ranker")
+    ranker_state, ranker_hist = fit_on_ray(ranker_spec, ranker_data.as_dict() | lookups, cfg,
+                                           f"{version}-ranker-{run_id}")
     ranker = build_model(ranker_spec.model, ranker_spec.model_config)
     ranker.load_state_dict(ranker_state)
 

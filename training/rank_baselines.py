@@ -17,23 +17,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding, masked_mean
+from training.features import TableSizes
 from training.ranker import TASKS, MultiTaskRanker
 
 N_FIELDS = 6  # history, context, item id, brand, category, price
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
-    n_items: int
-    n_brands: int
-    n_categories: int
-    n_price_buckets: int
-    n_countries: int
-    n_devices: int
-    n_pages: int
-    n_actions: int
-    n_ages: int
-    n_query_buckets: int
+class BaselineConfig(TableSizes):
     dim: int = 16  # per-field embedding, as in the DeepFM / DCN-V2 papers' CTR setups
     hidden: int = 128
     cross_layers: int = 2  # DCNv2: two full-rank cross layers capture the pairwise and triple interactions

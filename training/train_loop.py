@@ -78,6 +78,9 @@ def _latest_checkpoint_state() -> tuple[dict | None, int]:
     if ckpt is None:
         return None, 0
     with ckpt.as_directory() as d:
+        if not (Path(d) / "state.pt").is_file():
+            raise RuntimeError(f"the run's checkpoint {ckpt.path} was not written by this training loop (no "
+                               "state.pt); train under another run name or storage path")
         saved = torch.load(Path(d) / "state.pt", weights_only=False)
     return saved, int(saved["epoch"])
 

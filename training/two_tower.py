@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding, masked_mean
+from training.features import TableSizes
 from training.sampling import LogUniformSampler, num_negatives, sampled_softmax_loss
 from training.sasrec import SelfAttentionBlock, attention_mask, recency_positions
 
@@ -27,17 +28,7 @@ ITEM_LOOKUPS = ("item_brand", "item_category", "item_price")  # training arrays 
 
 
 @dataclass(frozen=True)
-class TwoTowerConfig:
-    n_items: int  # table sizes include the padding row 0
-    n_brands: int
-    n_categories: int
-    n_price_buckets: int
-    n_countries: int
-    n_devices: int
-    n_pages: int
-    n_actions: int
-    n_ages: int
-    n_query_buckets: int
+class TwoTowerConfig(TableSizes):
     dim: int = 64  # output dimension: 64 floats per item keep a 1M-item flat index at 256 MB
     hidden: int = 128
     temperature: float = 0.1  # best of 0.05 / 0.1 on the demo shop's held-out NDCG@10

@@ -8,13 +8,6 @@ import torch
 from training.two_tower import TwoTower, TwoTowerConfig, in_batch_softmax_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's spinning thread pool ran these tests 60x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 SIZES = dict(n_items=101, n_brands=11, n_categories=6, n_price_buckets=12, n_countries=4, n_devices=4, n_pages=4,
              n_actions=6, n_ages=24, n_query_buckets=1025)

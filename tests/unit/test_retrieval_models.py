@@ -19,13 +19,6 @@ from training.train_loop import TrainConfig, build_model
 from training.two_tower import TOWER_INPUTS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's spinning thread pool slows small ops many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,6 @@ import torch
 from training.sampling import LogUniformSampler, num_negatives, sampled_softmax_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's spinning thread pool slows small ops many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _zipf_counts(n_items: int, seed: int = 0) -> torch.Tensor:

@@ -11,13 +11,6 @@ from training.sasrec import SASRec, SASRecConfig, SelfAttentionBlock, attention_
 SIZES = dict(n_items=61, n_brands=5, n_categories=4, n_price_buckets=6, n_actions=6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's spinning thread pool slows small ops many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(**kw) -> SASRec:
