@@ -468,11 +468,12 @@ class MultiInterestRetrieval:
     name = "multi_interest"
 
     def __init__(self, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-                 conditions: dict | None = None, **model_config: object) -> None:
+                 run_name: str | None = None, conditions: dict | None = None, **model_config: object) -> None:
         """Args:
             epochs, batch_size (per worker), lr: override `TrainConfig.tower_*` of the harness's config. A batch
                 size given here is used as is; otherwise the configured one shrinks on small data
                 (`training.retrieval_models.batch_size_for`).
+            run_name: Ray Train run name (a run of that name resumes); default: a fresh name per fit.
             conditions: `ConditionConfig` fields (where explicit conditions come from, the relevance filter).
             model_config: `MultiInterestConfig` fields (max_interests, dim, temperature, ...).
         """
@@ -480,7 +481,7 @@ class MultiInterestRetrieval:
         if set(model_config) - known:
             raise ValueError(f"multi_interest: unknown model config keys {sorted(set(model_config) - known)}; "
                              f"known: {sorted(known)}")
-        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.epochs, self.batch_size, self.lr, self.run_name = epochs, batch_size, lr, run_name
         self.conditions = ConditionConfig(**(conditions or {}))
         self.model_config = model_config
         self.model: MultiInterestModel | None = None
@@ -500,7 +501,7 @@ class MultiInterestRetrieval:
         batch_size = self.batch_size or batch_size_for(len(data["target"]), cfg.num_workers, cfg.tower_batch_size)
         spec = FitSpec(MODEL, config.to_dict(), TOWER_INPUTS, self.epochs or cfg.tower_epochs, batch_size,
                        self.lr or cfg.tower_lr)
-        run = f"{self.name}-{task.dataset or 'data'}-{task.protocol}-{uuid.uuid4().hex[:8]}"  # fresh: never resumes
+        run = self.run_name or f"{self.name}-{task.dataset or 'data'}-{task.protocol}-{uuid.uuid4().hex[:8]}"
         state, history = fit_on_ray(spec, data, cfg, run)
         model = build_model(MODEL, spec.model_config)
         model.load_state_dict(state)
