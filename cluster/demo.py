@@ -21,16 +21,17 @@ from training.bundle import BUNDLE_FORMAT, MANIFEST, load_bundle
 from training.pipeline import train_version
 from training.train_loop import TrainConfig
 from training.schemas import read_shop, snapshot_id, write_shop
-from training.synthetic import generate_shop
+from training.synthetic import GENERATOR_VERSION, generate_shop
 
 console = Console()
 
 
 def ensure_shop(cfg: RecsysConfig) -> Path:
-    """Generates the synthetic shop unless one of the same size and seed is already on disk."""
+    """Generates the synthetic shop unless one of the same size, seed and generator version is already on disk."""
     out = Path(cfg.data.dir)
-    meta_ok = (out / "shop.json").is_file() and read_shop(out).meta.get("size") == cfg.data.size and \
-        read_shop(out).meta.get("seed") == cfg.data.seed
+    meta = read_shop(out).meta if (out / "shop.json").is_file() else {}
+    meta_ok = (meta.get("size"), meta.get("seed"), meta.get("generator")) == (cfg.data.size, cfg.data.seed,
+                                                                              GENERATOR_VERSION)
     if meta_ok:
         console.print(f"[bold]data[/] reusing {out} ({cfg.data.size}, seed {cfg.data.seed})")
         return out

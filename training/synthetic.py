@@ -46,6 +46,9 @@ DEVICES, DEVICE_P = ("app", "web", "mobile_web"), (0.40, 0.35, 0.25)
 PAGES, PAGE_P = ("home", "category", "search"), (0.5, 0.3, 0.2)
 COLORS = ("black", "white", "red", "blue", "green", "grey")
 DAY_MS = 86_400_000
+# Bumped when a shop of the same size and seed would differ (tables or hidden truth); 2 added the interest vectors
+# and item popularity to `hidden`.
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,10 @@ def true_relevance(hidden: dict[str, np.ndarray], user: np.ndarray, item: np.nda
     Returns:
         r with the broadcast shape of `user` and `item`.
     """
+    missing = {"user_interest_vec", "item_popularity", "item_latent", "user_interest_weight"} - set(hidden)
+    if missing:
+        raise ValueError(f"the shop's hidden truth lacks {sorted(missing)}: it was written by an older generator "
+                         f"(this one is version {GENERATOR_VERSION}); generate it again with `recsys generate`")
     user, item = np.asarray(user), np.asarray(item)
     vec, latent = hidden["user_interest_vec"], hidden["item_latent"]
     pop_z = _popularity_z(hidden["item_popularity"])[item]
@@ -344,7 +351,8 @@ def generate_shop(size: str | ShopSize, seed: int = 0) -> Shop:
 
     last_ms = int(pc.max(events["timestamp"]).cast(pa.int64()).as_py())
     meta = {
-        "source": "synthetic", "size": name, "seed": seed, "position_bias_eta": POSITION_BIAS_ETA,
+        "source": "synthetic", "generator": GENERATOR_VERSION, "size": name, "seed": seed,
+        "position_bias_eta": POSITION_BIAS_ETA,
         "start_time": iso(start_ms), "end_time": iso(last_ms), "new_item_days": size.new_item_days,
         "latent_dim": LATENT_DIM, "n_events": events.num_rows,
     }

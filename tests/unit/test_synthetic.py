@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pytest
 
 from training.schemas import CATALOG_SCHEMA, EVENTS_SCHEMA, USERS_SCHEMA, read_shop, snapshot_id, validate_table, write_shop
-from training.synthetic import POSITION_BIAS_ETA, SIZES, generate_shop, position_bias
+from training.synthetic import POSITION_BIAS_ETA, SIZES, generate_shop, position_bias, true_relevance
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,11 @@ def test_past_click_categories_beat_global_popularity(shop) -> None:
 
     personal, popular = recall_at(scores), recall_at(np.broadcast_to(popularity, (n_users, n_items)))
     assert personal > 1.5 * popular
+
+
+def test_true_relevance_refuses_a_shop_from_an_older_generator():
+    shop = generate_shop("tiny", seed=0)
+    old = {k: v for k, v in shop.hidden.items() if k not in ("user_interest_vec", "item_popularity")}
+    with pytest.raises(ValueError, match="older generator"):
+        true_relevance(old, np.array([0]), np.array([0]))
+    assert 0.0 < true_relevance(shop.hidden, np.array([0]), np.array([0]))[0] < 1.0
