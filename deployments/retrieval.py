@@ -19,8 +19,8 @@ from indexing.embed import get_shards, read_index_manifest
 from indexing.shards import merge_top_k
 from training.bundle import load_bundle
 from training.features import USER_INPUTS
-from training.multi_interest import (ConditionConfig, InterestQueries, category_query_buckets, explicit_conditions,
-                                     interest_queries, merge_queries)
+from training.interest_merge import ConditionConfig, category_query_buckets, explicit_conditions
+from training.multi_interest import InterestQueries, interest_queries, merge_queries
 
 COLD_START_EACH = 250  # popular and new items offered to a user without history, before ranking
 

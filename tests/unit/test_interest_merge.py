@@ -10,9 +10,9 @@ import torch
 from deployments.retrieval import QueryCache, build_interest_queries, interest_candidates
 from indexing.shards import FaissShard, merge_top_k
 from training.features import query_tokens
-from training.multi_interest import (ConditionConfig, MultiInterestConfig, MultiInterestModel, category_query_buckets,
-                                     explicit_conditions, interest_queries, interest_quotas,
-                                     merge_interests, merge_queries, relevant)
+from training.interest_merge import (ConditionConfig, category_query_buckets, explicit_conditions, interest_quotas,
+                                     merge_interests, relevant)
+from training.multi_interest import MultiInterestConfig, MultiInterestModel, interest_queries, merge_queries
 from training.offline_eval import item_vectors
 
 

@@ -7,9 +7,9 @@ import torch
 
 from training.bundle import load_bundle, write_bundle
 from training.features import build_feature_space
-from training.multi_interest import (ConditionConfig, InterestRouting, MultiInterestConfig, MultiInterestModel,
-                                     MultiInterestRetrieval, assign_interest, interest_count, interest_queries,
-                                     merge_queries, squash)
+from training.interest_merge import ConditionConfig
+from training.multi_interest import (InterestRouting, MultiInterestConfig, MultiInterestModel, MultiInterestRetrieval,
+                                     assign_interest, interest_count, interest_queries, merge_queries, squash)
 from training.offline_eval import item_vectors
 from training.pipeline import items_table
 from training.ranker import MultiTaskRanker, RankerConfig
