@@ -57,6 +57,25 @@ def _eval(args: argparse.Namespace) -> None:
     eval_command(args, load_config(args.config).train)
 
 
+def _replay(args: argparse.Namespace) -> None:
+    from training.replay import ReplayConfig, format_table, replay, write_impressions
+    from training.schemas import read_shop
+
+    shop = read_shop(args.data)
+    if not shop.hidden:
+        raise ValueError(f"--data {args.data}: replay needs a synthetic shop (its hidden truth simulates each policy)")
+    changes = json.loads(args.changes) if args.changes else None
+    result = replay(shop, changes, ReplayConfig(n_sessions=args.sessions, seed=args.seed),
+                    load_config(args.config).policy)
+    print(format_table(result))
+    if args.impressions:
+        print(f"logged impressions with propensities -> {write_impressions(result, shop, args.impressions)}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({k: v for k, v in result.items() if k not in ("log", "sessions")}, indent=2,
+                                       default=float))
+
+
 BENCHMARKS = ("stages", "ranking", "policy", "training")  # modules of bench/, each with main(argv)
 
 
@@ -96,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(e)
     e.set_defaults(func=_eval)
+
+    r = sub.add_parser("replay", help="counterfactual replay on a synthetic shop: log impressions with propensities, "
+                       "estimate policy changes with IPS/SNIPS, compare with the simulated truth")
+    r.add_argument("--data", type=Path, required=True, help="synthetic shop folder (recsys generate)")
+    r.add_argument("--changes", default=None,
+                   help='JSON {"name": {policy overrides}} (default: stronger exploration, brand diversity off, '
+                        'at most 2 per category)')
+    r.add_argument("--sessions", type=int, default=4000)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--config", default=None, help="config whose policy section is the base policy")
+    r.add_argument("--out", type=Path, default=None, help="write every estimate as JSON")
+    r.add_argument("--impressions", type=Path, default=None, help="write the logged impressions as Parquet")
+    r.set_defaults(func=_replay)
 
     b = sub.add_parser("bench", help="run a benchmark of bench/ (its own options follow, e.g. --out FILE.json)")
     b.add_argument("name", choices=BENCHMARKS)

@@ -79,3 +79,29 @@ def test_replay_refuses_a_shop_it_cannot_rederive(shop):
     other = dataclasses.replace(shop, meta={**shop.meta, "size": "custom"})
     with pytest.raises(ValueError, match="custom"):
         replay(other, {}, ReplayConfig(n_sessions=10), PolicyConfig())
+
+
+def test_replay_command_writes_estimates_and_the_impression_log(tmp_path, capsys):
+    import json
+
+    from cluster.cli import main
+    from training.schemas import write_shop
+
+    write_shop(generate_shop("tiny", seed=0), tmp_path / "shop")
+    main(["replay", "--data", str(tmp_path / "shop"), "--sessions", "300", "--out", str(tmp_path / "r.json"),
+          "--impressions", str(tmp_path / "imp.parquet"), "--changes", '{"diversity_off": {"brand_diversity": false}}'])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["policies"]) == {"base", "diversity_off"}
+    assert "diversity_off" in capsys.readouterr().out
+    log = pq.read_table(tmp_path / "imp.parquet")
+    assert {"propensity", "position", "click"} <= set(log.column_names) and len(log) > 0
+
+
+def test_replay_command_names_a_bad_policy_change(tmp_path, capsys):
+    from cluster.cli import main
+    from training.schemas import write_shop
+
+    write_shop(generate_shop("tiny", seed=0), tmp_path / "shop")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--data", str(tmp_path / "shop"), "--changes", '{"x": {"max_brand_run": 0}}'])
+    assert exit_info.value.code == 2 and "max_brand_run" in capsys.readouterr().err
