@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from training.features import QUERY_TOKENS
+from training.features import QUERY_TOKENS, TableSizes
 
 
 def _table(n: int, dim: int) -> nn.Embedding:
@@ -93,3 +93,11 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, D), (B, L) bool -> (B, D) mean over present tokens (zeros for an empty history)."""
     m = mask.unsqueeze(-1).float()
     return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def input_embeddings(sizes: TableSizes, dim: int) -> tuple[ItemEmbedding, SequenceEmbedding, ContextEmbedding]:
+    """The three input blocks of a model over `USER_INPUTS` and item indices; the sequence shares the item tables."""
+    items = ItemEmbedding(sizes.n_items, sizes.n_brands, sizes.n_categories, sizes.n_price_buckets, dim)
+    return (items, SequenceEmbedding(items, sizes.n_actions, sizes.n_ages, dim),
+            ContextEmbedding(sizes.n_countries, sizes.n_devices, sizes.n_pages, sizes.n_categories,
+                             sizes.n_query_buckets, dim))

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding
+from training.embeddings import input_embeddings
 from training.features import TableSizes
 from training.interest_merge import (ConditionConfig, category_query_buckets, explicit_conditions, merge_interests,
                                      relevant)
@@ -135,9 +135,7 @@ class MultiInterestModel(nn.Module):
         super().__init__()
         c = self.config = config
         D = c.dim
-        self.items = ItemEmbedding(c.n_items, c.n_brands, c.n_categories, c.n_price_buckets, D)
-        self.sequence = SequenceEmbedding(self.items, c.n_actions, c.n_ages, D)
-        self.context = ContextEmbedding(c.n_countries, c.n_devices, c.n_pages, c.n_categories, c.n_query_buckets, D)
+        self.items, self.sequence, self.context = input_embeddings(c, D)
         if c.n_layers:  # only parameters that get a gradient may exist: DDP waits for all of them
             self.position = nn.Embedding(c.max_len, D)
             nn.init.normal_(self.position.weight, std=0.1)

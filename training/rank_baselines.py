@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding, masked_mean
+from training.embeddings import ItemEmbedding, input_embeddings, masked_mean
 from training.features import TableSizes
 from training.ranker import TASKS, MultiTaskRanker
 
@@ -47,9 +47,7 @@ class FieldEmbedding(nn.Module):
 
     def __init__(self, c: BaselineConfig, dim: int) -> None:
         super().__init__()
-        self.items = ItemEmbedding(c.n_items, c.n_brands, c.n_categories, c.n_price_buckets, dim)
-        self.sequence = SequenceEmbedding(self.items, c.n_actions, c.n_ages, dim)
-        self.context = ContextEmbedding(c.n_countries, c.n_devices, c.n_pages, c.n_categories, c.n_query_buckets, dim)
+        self.items, self.sequence, self.context = input_embeddings(c, dim)
 
     def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
                 context: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

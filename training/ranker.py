@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding
+from training.embeddings import input_embeddings
 from training.features import TableSizes
 
 TASKS = ("click", "wishlist", "add_to_cart", "purchase")
@@ -96,9 +96,7 @@ class MultiTaskRanker(nn.Module):
         super().__init__()
         c = self.config = config
         D = c.dim
-        self.items = ItemEmbedding(c.n_items, c.n_brands, c.n_categories, c.n_price_buckets, D)
-        self.sequence = SequenceEmbedding(self.items, c.n_actions, c.n_ages, D)
-        self.context = ContextEmbedding(c.n_countries, c.n_devices, c.n_pages, c.n_categories, c.n_query_buckets, D)
+        self.items, self.sequence, self.context = input_embeddings(c, D)
         layer = nn.TransformerEncoderLayer(D, c.heads, c.ffn, c.dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(D)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.embeddings import ContextEmbedding, ItemEmbedding, SequenceEmbedding, masked_mean
+from training.embeddings import input_embeddings, masked_mean
 from training.features import TableSizes
 from training.sampling import LogUniformSampler, num_negatives, sampled_softmax_loss
 from training.sasrec import SelfAttentionBlock, attention_mask, recency_positions
@@ -57,9 +57,7 @@ class TwoTower(nn.Module):
         c = config
         self.config = c
         D = c.dim
-        self.items = ItemEmbedding(c.n_items, c.n_brands, c.n_categories, c.n_price_buckets, D)
-        self.sequence = SequenceEmbedding(self.items, c.n_actions, c.n_ages, D)
-        self.context = ContextEmbedding(c.n_countries, c.n_devices, c.n_pages, c.n_categories, c.n_query_buckets, D)
+        self.items, self.sequence, self.context = input_embeddings(c, D)
         self.item_mlp = _mlp(4 * D, c.hidden, D)
         self.user_mlp = _mlp(2 * D, c.hidden, D)
         # log q(item): the item's share of training targets, i.e. its chance to appear as an in-batch negative.
