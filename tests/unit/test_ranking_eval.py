@@ -116,3 +116,13 @@ def test_query_context_dropout_blanks_only_category_and_query_fields():
     assert 0.4 < blank.mean() < 0.6
     assert (out.context[:, :3] == imp.context[:, :3]).all() and (out.context[~blank] == imp.context[~blank]).all()
     assert (imp.context[:, 3:] > 0).all()  # the input is not modified
+
+
+def test_fusion_with_retrieval_keeps_an_item_both_orders_agree_on_at_the_top():
+    from training.ranking_eval import fused_with_retrieval, rerank
+
+    scores = np.array([[0.1, 0.9, 0.5, 0.2]])  # ranker: 2nd, 3rd, 4th, 1st; retrieval: the given order
+    fused = fused_with_retrieval(scores)
+    cands = np.array([[11, 12, 13, 14]])
+    assert rerank(fused, cands, 2)[0].tolist() == [12, 11]  # ranker 1st + retrieval 2nd beats ranker 4th + 1st
+    assert np.allclose(fused_with_retrieval(-np.arange(4.0)[None]), 2.0 / (60 + np.arange(1, 5)))  # agreement
