@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--candidates", type=int, default=500)
     p.add_argument("--shards", type=int, default=2)
     args = p.parse_args(argv)
-    bundle_dir = args.bundle or next(iter(sorted(Path("bundles").glob("*/v1"))), None)
+    found = sorted(Path("bundles").glob("*/v1/manifest.json"), key=lambda m: m.stat().st_mtime)
+    bundle_dir = args.bundle or (found[-1].parent if found else None)  # default: the newest demo bundle
     if bundle_dir is None:
         raise SystemExit("bench: no bundle found under bundles/; run `make demo` first or pass --bundle")
     torch.set_num_threads(1)
