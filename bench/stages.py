@@ -14,23 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.ranking import timed
 from indexing.shards import FaissShard, merge_top_k, shard_of
 from training.bundle import load_bundle
+from training.features import CONTEXT_COLUMNS
 from training.offline_eval import item_vectors
 from training.policy import PolicyConfig, RankedList, UserState, apply_policy
-from training.features import CONTEXT_COLUMNS
 from training.ranker import score_candidates
-
-
-def timed(fn, n: int) -> dict[str, float]:
-    for _ in range(5):
-        fn()
-    ms = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ms.append((time.perf_counter() - t0) * 1000.0)
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "runs": n}
 
 
 def main(argv: list[str] | None = None) -> None:
