@@ -5,27 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.unit.model_helpers import SIZES, fit_full_batch, toy_batch
 from training.two_tower import TwoTower, TwoTowerConfig, in_batch_softmax_loss
-
-
-
-SIZES = dict(n_items=101, n_brands=11, n_categories=6, n_price_buckets=12, n_countries=4, n_devices=4, n_pages=4,
-             n_actions=6, n_ages=24, n_query_buckets=1025)
-
-
-def _batch(B=8, L=5, seed=0):
-    """items, actions, ages (B, L) and a context of B rows with a category and a query token."""
-    g = torch.Generator().manual_seed(seed)
-    items = torch.randint(1, 101, (B, L), generator=g)
-    actions = torch.randint(1, 6, (B, L), generator=g)
-    ages = torch.randint(1, 24, (B, L), generator=g)
-    ctx = torch.cat([torch.randint(0, 4, (B, 4), generator=g), torch.randint(0, 1025, (B, 4), generator=g)], dim=1)
-    return items, actions, ages, ctx
 
 
 def test_towers_return_unit_vectors_of_the_configured_dimension():
     model = TwoTower(TwoTowerConfig(**SIZES, dim=16))
-    u = model.user_tower(*_batch())
+    u = model.user_tower(*toy_batch())
     v = model.item_tower_by_index(torch.arange(1, 9))
     assert u.shape == (8, 16) and v.shape == (8, 16)
     torch.testing.assert_close(u.norm(dim=-1), torch.ones(8))
@@ -34,7 +20,7 @@ def test_towers_return_unit_vectors_of_the_configured_dimension():
 
 def test_padding_positions_do_not_change_the_user_vector():
     model = TwoTower(TwoTowerConfig(**SIZES, dim=16)).eval()
-    items, actions, ages, ctx = _batch(B=1)
+    items, actions, ages, ctx = toy_batch(B=1)
     pad = torch.zeros(1, 3, dtype=torch.long)
     torch.testing.assert_close(model.user_tower(items, actions, ages, ctx),
                                model.user_tower(*(torch.cat([pad, x], dim=1) for x in (items, actions, ages)), ctx))
@@ -54,19 +40,13 @@ def test_in_batch_softmax_is_lower_when_users_point_at_their_own_items_and_masks
 def test_two_tower_learns_a_user_to_item_association():
     torch.manual_seed(0)
     model = TwoTower(TwoTowerConfig(**SIZES, dim=16, temperature=0.1))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     # User state "engaged with item j" -> target item j + 50: a pattern that only training can find.
     hist = torch.arange(1, 41).unsqueeze(1)
     acts = torch.ones_like(hist)
     ctx = torch.zeros(40, 8, dtype=torch.long)
     target = hist.squeeze(1) + 50
     first = model(hist, acts, acts, ctx, target).item()
-    for _ in range(150):
-        loss = model(hist, acts, acts, ctx, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.3 * first
+    assert fit_full_batch(model, (hist, acts, acts, ctx, target), 150, 1e-2) < 0.3 * first
 
 
 def test_logq_correction_subtracts_each_columns_log_sampling_probability():
@@ -105,7 +85,7 @@ def _seed(encoder: str = "transformer", **kw) -> SeedTwoTower:
 def test_seed_two_tower_serves_unit_vectors_through_the_two_tower_api():
     for encoder in ("transformer", "attention"):
         model = _seed(encoder).eval()
-        u = model.user_tower(*_batch())
+        u = model.user_tower(*toy_batch())
         v = model.item_tower_by_index(torch.arange(1, 9))
         w = model.item_tower(torch.arange(1, 9), model.items.item_brand[1:9], model.items.item_category[1:9],
                              model.items.item_price[1:9])
@@ -122,14 +102,14 @@ def test_seed_two_tower_rejects_an_unknown_user_encoder():
 def test_seed_user_tower_ignores_left_padding_and_reads_the_order():
     for encoder in ("transformer", "attention"):
         model = _seed(encoder).eval()
-        items, actions, ages, ctx = _batch(B=1)
+        items, actions, ages, ctx = toy_batch(B=1)
         pad = torch.zeros(1, 3, dtype=torch.long)
         u = model.user_tower(items, actions, ages, ctx)
         torch.testing.assert_close(u, model.user_tower(*(torch.cat([pad, x], dim=1) for x in (items, actions, ages)),
                                                        ctx))
     # The transformer sees which action is the latest; mean pooling (the foundation tower) cannot.
     model, mean = _seed("transformer").eval(), TwoTower(TwoTowerConfig(**SIZES, dim=16)).eval()
-    items, actions, ages, ctx = _batch(B=1)
+    items, actions, ages, ctx = toy_batch(B=1)
     flip = [x.flip(1) for x in (items, actions, ages)]
     assert not torch.allclose(model.user_tower(items, actions, ages, ctx), model.user_tower(*flip, ctx), atol=1e-4)
     torch.testing.assert_close(mean.user_tower(items, actions, ages, ctx), mean.user_tower(*flip, ctx))
@@ -138,7 +118,7 @@ def test_seed_user_tower_ignores_left_padding_and_reads_the_order():
 def test_seed_empty_history_gives_finite_vectors_and_gradients():
     for encoder in ("transformer", "attention"):
         model = _seed(encoder)
-        items, actions, ages, ctx = _batch(B=4)
+        items, actions, ages, ctx = toy_batch(B=4)
         for x in (items, actions, ages):
             x[0] = 0  # user 0 has no history
         loss = model(items, actions, ages, ctx, torch.tensor([1, 2, 3, 4]))
@@ -162,16 +142,11 @@ def test_seed_prepare_ranks_the_sampler_by_training_counts_and_sizes_negatives_b
 def test_seed_two_tower_learns_a_user_to_item_association():
     for in_batch in (True, False):
         model = _seed(in_batch=in_batch, temperature=0.1)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         hist = torch.arange(1, 41).unsqueeze(1)  # "engaged with item j" -> target j + 50
         acts = torch.ones_like(hist)
         ctx = torch.zeros(40, 8, dtype=torch.long)
         target = hist.squeeze(1) + 50
-        for _ in range(150):
-            loss = model(hist, acts, acts, ctx, target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fit_full_batch(model, (hist, acts, acts, ctx, target), 150, 1e-2)
         with torch.no_grad():
             scores = model.user_tower(hist, acts, acts, ctx) @ model.item_tower_by_index(torch.arange(101)).T
         top1 = scores[:, 1:].argmax(1) + 1
@@ -183,6 +158,6 @@ def test_seed_two_tower_round_trips_through_its_config_and_state_dict():
     model.sampler.set_counts(torch.arange(101, dtype=torch.float64))
     again = build_model("training.two_tower:SeedTwoTower", model.config.to_dict())
     again.load_state_dict(model.state_dict())
-    batch = _batch()
+    batch = toy_batch()
     torch.testing.assert_close(again.eval().user_tower(*batch), model.user_tower(*batch))
     assert torch.equal(again.sampler.rank_to_item, model.sampler.rank_to_item)

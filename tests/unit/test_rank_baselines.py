@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.test_models import SIZES, _batch
+from tests.unit.model_helpers import SIZES, fit_full_batch, toy_batch
 from training.metrics import roc_auc
 from training.rank_baselines import BASELINES, BaselineConfig
 from training.ranker import TASKS, MultiTaskRanker
@@ -20,7 +20,7 @@ def _model(name: str, **kw) -> torch.nn.Module:
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_baseline_gives_one_logit_per_task_and_a_scalar_training_loss(name):
     model = _model(name)
-    inputs = _batch(B=6)
+    inputs = toy_batch(B=6)
     item = torch.arange(1, 7)
     assert model.logits(*inputs, item).shape == (6, len(TASKS))
     assert model.combined(model.logits(*inputs, item)).shape == (6,)
@@ -44,7 +44,7 @@ def test_baseline_learns_a_planted_item_and_context_signal(name):
     model = _model(name, dim=8, hidden=32)
     g = torch.Generator().manual_seed(1)
     n = 512
-    hist, acts, ages, ctx = _batch(B=n, L=3, seed=2)
+    hist, acts, ages, ctx = toy_batch(B=n, L=3, seed=2)
     item = torch.randint(1, 101, (n,), generator=g)
     # Purchases happen on even items shown on device 1: a first-order item effect and an item x context cross.
     signal = (item % 2 == 0) & (ctx[:, 1] == 1)
@@ -52,12 +52,7 @@ def test_baseline_learns_a_planted_item_and_context_signal(name):
     labels[:, 0] = (item % 2 == 0).float()
     labels[:, 3] = signal.float()
     pos = torch.full((n,), -1)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(60):
-        loss = model(hist, acts, ages, ctx, item, pos, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_full_batch(model, (hist, acts, ages, ctx, item, pos, labels), 60, 2e-2)
     model.eval()
     with torch.inference_mode():
         p = torch.sigmoid(model.logits(hist, acts, ages, ctx, item)).numpy()

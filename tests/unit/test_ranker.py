@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.test_models import SIZES, _batch
+from tests.unit.model_helpers import SIZES, fit_full_batch, toy_batch
 from training.ranker import TASKS, MultiTaskRanker, RankerConfig, position_bucket, score_candidates
 
 
@@ -16,7 +16,7 @@ def _ranker(**kw) -> MultiTaskRanker:
 
 def test_ranker_scores_every_task_and_combines_them_with_the_task_weights():
     model = _ranker(task_weights=(0.0, 0.0, 0.0, 1.0))
-    logits = model.logits(*_batch(B=4), torch.arange(1, 5))
+    logits = model.logits(*toy_batch(B=4), torch.arange(1, 5))
     assert logits.shape == (4, len(TASKS))
     torch.testing.assert_close(model.combined(logits), torch.sigmoid(logits[:, 3]))
 
@@ -39,7 +39,7 @@ def test_bad_task_weights_name_the_field():
 
 def test_history_encoded_once_per_request_gives_the_same_scores_as_per_candidate_scoring():
     model = _ranker()
-    inputs = _batch(B=2)
+    inputs = toy_batch(B=2)
     cands = [np.array([3, 7, 9, 11]), np.array([5, 6])]
     batched = score_candidates(model, *(x.numpy() for x in inputs), cands)
     with torch.inference_mode():
@@ -51,7 +51,7 @@ def test_history_encoded_once_per_request_gives_the_same_scores_as_per_candidate
 
 def test_candidate_attention_depends_on_the_history():
     model = _ranker()
-    items, actions, ages, ctx = _batch(B=1)
+    items, actions, ages, ctx = toy_batch(B=1)
     a = score_candidates(model, items.numpy(), actions.numpy(), ages.numpy(), ctx.numpy(), [np.arange(1, 30)])[0]
     b = score_candidates(model, (items % 50 + 1).numpy(), actions.numpy(), ages.numpy(), ctx.numpy(),
                          [np.arange(1, 30)])[0]
@@ -60,7 +60,7 @@ def test_candidate_attention_depends_on_the_history():
 
 def test_padded_history_and_empty_history_score_finitely_and_padding_changes_nothing():
     model = _ranker()
-    items, actions, ages, ctx = _batch(B=1)
+    items, actions, ages, ctx = toy_batch(B=1)
     pad = torch.zeros(1, 3, dtype=torch.long)
     longer = [torch.cat([pad, x], dim=1) for x in (items, actions, ages)]
     with torch.inference_mode():
@@ -72,7 +72,7 @@ def test_padded_history_and_empty_history_score_finitely_and_padding_changes_not
 
 def test_position_changes_the_training_loss_but_not_the_serving_scores():
     model = _ranker(position_dropout=0.0, dropout=0.0)
-    inputs = _batch(B=8)
+    inputs = toy_batch(B=8)
     item = torch.arange(1, 9)
     labels = torch.zeros(8, len(TASKS))
     with torch.no_grad():
@@ -111,12 +111,7 @@ def test_ranker_learns_a_planted_history_to_item_signal():
     item = torch.where(torch.rand(n, generator=g) < 0.5, hist[:, -1] + 50, item)
     labels = (item == hist[:, -1] + 50).float().unsqueeze(1).repeat(1, len(TASKS))
     acts, ctx, pos = torch.ones_like(hist), torch.zeros(n, 8, dtype=torch.long), torch.full((n,), -1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(60):
-        loss = model(hist, acts, acts, ctx, item, pos, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_full_batch(model, (hist, acts, acts, ctx, item, pos, labels), 60, 3e-2)
     model.eval()
     with torch.inference_mode():
         p = torch.sigmoid(model.logits(hist, acts, acts, ctx, item))[:, 3]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.unit.test_models import SIZES, _batch
+from tests.unit.model_helpers import SIZES, toy_batch
 from training.features import build_feature_space, item_feature_table
 from training.metrics import popularity_counts
 from training.rank_baselines import BaselineConfig, DeepFM
@@ -52,7 +52,7 @@ def test_true_relevance_of_reads_the_generator_truth_by_row():
 def test_candidate_logits_equal_one_row_per_candidate(make):
     torch.manual_seed(0)
     model = make().eval()
-    users = tuple(x.numpy() for x in _batch(B=3))
+    users = tuple(x.numpy() for x in toy_batch(B=3))
     cands = np.array([[4, 8, 15], [16, 23, 42], [1, 2, 3]])
     got = candidate_logits(model, users, cands, chunk=2)
     with torch.inference_mode():

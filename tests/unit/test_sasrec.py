@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.unit.model_helpers import fit_full_batch
 from training.features import Engagements
 from training.sasrec import SASRec, SASRecConfig, SelfAttentionBlock, attention_mask, sequence_windows
 
@@ -91,12 +92,7 @@ def test_sasrec_learns_a_next_item_rule():
     zeros = np.zeros(61, dtype=np.int64)
     model.prepare({"item_brand": zeros, "item_category": zeros, "item_price": zeros, "item_counts": counts})
     batch = [torch.from_numpy(w[k]) for k in ("seq_items", "seq_actions", "seq_targets")]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        loss = model(*batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_full_batch(model, batch, 150, 1e-2)
     model.eval()
     last = torch.arange(5, 40).unsqueeze(1)
     hist = torch.cat([last - 2, last - 1, last], dim=1)  # (35, 3) ..., j - 1, j
