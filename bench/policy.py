@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow.compute as pc
 
-from training.policy import RULES, PolicyConfig, RankedList, UserState, apply_policy, request_rng
-from training.replay import catalog_arrays, purchases_by_user, shop_now
-from training.synthetic import generate_shop
+from training.request.contracts import RankedList, UserState
+from training.request.policy import RULES, apply_policy, request_rng
+from training.request.policy_config import PolicyConfig
+from training.evaluation.replay import catalog_arrays, purchases_by_user, shop_now
+from training.data.synthetic import generate_shop
 
 GOAL_P99_MS = 1.0  # the budget for 500 items
 

@@ -23,9 +23,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from training.bundle import load_bundle, write_bundle
-from training.features import CONTEXT_COLUMNS, build_feature_space
-from training.ranker import MultiTaskRanker, RankerConfig, score_candidates
+from training.fit.bundle import load_bundle, write_bundle
+from training.data.features import CONTEXT_COLUMNS, build_feature_space
+from training.models.ranker import MultiTaskRanker, RankerConfig, score_candidates
+from training.request.contracts import Candidates, RankRequest
 
 
 def timed(fn: Callable[[], Any], runs: int, warmup: int = 5) -> dict[str, float]:
@@ -43,9 +44,9 @@ def timed(fn: Callable[[], Any], runs: int, warmup: int = 5) -> dict[str, float]
 
 def untrained_bundle(root: Path) -> Path:
     """A bundle with untrained models over the tiny synthetic catalog: the serving code path without a demo run."""
-    from training.pipeline import items_table
-    from training.synthetic import generate_shop
-    from training.two_tower import TwoTower, TwoTowerConfig
+    from training.fit.version import items_table
+    from training.data.synthetic import generate_shop
+    from training.models.two_tower import TwoTower, TwoTowerConfig
 
     shop = generate_shop("tiny", 0)
     space = build_feature_space(shop.catalog, shop.users, shop.events)
@@ -78,10 +79,10 @@ def in_process(model: MultiTaskRanker, req: dict[str, Any], runs: int) -> dict[s
             "speedup_p50": per_candidate["p50_ms"] / once["p50_ms"]}
 
 
-async def _drive(handle: Any, requests: list[dict[str, Any]], concurrency: int) -> float:
+async def _drive(handle: Any, requests: list[RankRequest], concurrency: int) -> float:
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(r: dict[str, Any]) -> None:
+    async def one(r: RankRequest) -> None:
         async with sem:
             await handle.rank.remote(r)
 
@@ -101,6 +102,8 @@ def serve_throughput(bundle_dir: Path, requests: list[dict[str, Any]], concurren
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False)  # [1] embedded Ray owned by this process, shut down below
     out: dict[str, Any] = {"concurrency": concurrency, "replica_cpus": replica_cpus, "requests": len(requests)}
+    ranks = [RankRequest(Candidates(r["features"], r["item_idx"], np.zeros(len(r["item_idx"]), np.float32),
+                                    ("retrieval",) * len(r["item_idx"])), len(r["item_idx"])) for r in requests]
     try:
         for batching in (True, False):
             name = f"bench-ranking-{'batched' if batching else 'unbatched'}"
@@ -108,8 +111,8 @@ def serve_throughput(bundle_dir: Path, requests: list[dict[str, Any]], concurren
             app = Ranking.options(name=name, num_replicas=1, autoscaling_config=None, max_ongoing_requests=64,
                                   ray_actor_options={"num_cpus": replica_cpus}).bind(str(bundle_dir), 1, batching, 16)
             handle = serve.run(app, name=name, route_prefix=None)
-            asyncio.run(_drive(handle, requests[:20], concurrency))  # warm-up
-            rps = asyncio.run(_drive(handle, requests, concurrency))
+            asyncio.run(_drive(handle, ranks[:20], concurrency))  # warm-up
+            rps = asyncio.run(_drive(handle, ranks, concurrency))
             out["batched" if batching else "unbatched"] = {"requests_per_s": rps}
             serve.delete(name)
     finally:

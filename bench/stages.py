@@ -16,11 +16,13 @@ import torch
 
 from bench.ranking import timed
 from indexing.shards import FaissShard, merge_top_k, shard_of
-from training.bundle import load_bundle
-from training.features import CONTEXT_COLUMNS
-from training.offline_eval import item_vectors
-from training.policy import PolicyConfig, RankedList, UserState, apply_policy
-from training.ranker import score_candidates
+from training.fit.bundle import load_bundle
+from training.data.features import CONTEXT_COLUMNS
+from training.fit.offline_metrics import item_vectors
+from training.request.contracts import RankedList, UserState
+from training.request.policy import apply_policy
+from training.request.policy_config import PolicyConfig
+from training.models.ranker import score_candidates
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.protocols import temporal
-from training.retrieval_models import SeedTwoTowerRetrieval, tower_data
-from training.synthetic import SIZES, generate_shop
-from training.train_loop import FitSpec, TrainConfig, fit_on_ray
+from training.data.splits import temporal
+from training.fit.retrieval import SeedTwoTowerRetrieval, tower_data
+from training.data.synthetic import SIZES, generate_shop
+from training.fit.train_loop import FitSpec, TrainConfig, fit_on_ray
 
 
 def subset(data: dict[str, np.ndarray], n_max: int | None, seed: int = 0) -> dict[str, np.ndarray]:

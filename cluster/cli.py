@@ -10,8 +10,8 @@ from cluster.config import load_config
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from training.schemas import write_shop
-    from training.synthetic import generate_shop
+    from training.data.schemas import write_shop
+    from training.data.synthetic import generate_shop
 
     shop = generate_shop(args.size, args.seed)
     write_shop(shop, args.out)
@@ -21,14 +21,14 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from cluster.runtime import init_ray
-    from training.pipeline import train_version
+    from training.fit.version import train_version
 
     cfg = load_config(args.config)
     init_ray()
     train_cfg = cfg.train if args.workers is None else type(cfg.train)(**{**cfg.train.to_dict(),
                                                                           "num_workers": args.workers})
     path = train_version(args.data, args.bundles, args.version, train_cfg)
-    from training.bundle import load_bundle
+    from training.fit.bundle import load_bundle
 
     print(json.dumps({"bundle": str(path), "metrics": load_bundle(path).metrics["retrieval"]}, indent=2))
 
@@ -52,14 +52,14 @@ def _demo(args: argparse.Namespace, keep_serving: bool = False) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from training.harness import eval_command
+    from training.evaluation.harness import eval_command
 
     eval_command(args, load_config(args.config).train)
 
 
 def _replay(args: argparse.Namespace) -> None:
-    from training.replay import ReplayConfig, format_table, replay, write_impressions
-    from training.schemas import read_shop
+    from training.evaluation.replay import ReplayConfig, format_table, replay, write_impressions
+    from training.data.schemas import read_shop
 
     shop = read_shop(args.data)
     if not shop.hidden:
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="train every retrieval model and baseline on a data set (on Ray Train), evaluate "
                        "them, and write results.json, report.md and plots")
-    from training.harness import add_eval_arguments  # one definition of the arguments, beside eval_command
+    from training.evaluation.harness import add_eval_arguments  # one definition of the arguments, beside eval_command
 
     add_eval_arguments(e)
     e.set_defaults(func=_eval)

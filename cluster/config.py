@@ -10,8 +10,8 @@ import yaml
 
 from deployments.app import ServingConfig
 from indexing.embed import IndexConfig
-from training.policy import PolicyConfig
-from training.train_loop import TrainConfig
+from training.request.policy_config import PolicyConfig
+from training.fit.train_loop import TrainConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -27,7 +27,7 @@ class DataConfig:
 class DemoConfig:
     # Two versions from the same data with different seeds, split 90/10 as a canary would be.
     versions: dict[str, float] = field(default_factory=lambda: {"v1": 90.0, "v2": 10.0})
-    # version -> retrieval model (training.pipeline.RETRIEVAL_MODELS); a version not named uses train.retrieval_model.
+    # version -> retrieval model (training.fit.version.RETRIEVAL_MODELS); a version not named uses train.retrieval_model.
     retrieval: dict[str, str] = field(default_factory=dict)
     bundles_dir: str = "bundles"
     users: int = 300  # distinct users in the demo's traffic (split observed over them)

@@ -17,11 +17,11 @@ from cluster.config import RecsysConfig
 from cluster.runtime import init_ray
 from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
 from indexing.embed import INDEX_MANIFEST, embed_catalog
-from training.bundle import BUNDLE_FORMAT, MANIFEST, load_bundle
-from training.pipeline import train_version
-from training.train_loop import TrainConfig
-from training.schemas import read_shop, snapshot_id, write_shop
-from training.synthetic import GENERATOR_VERSION, generate_shop
+from training.fit.bundle import BUNDLE_FORMAT, MANIFEST, load_bundle
+from training.fit.version import train_version
+from training.fit.train_loop import TrainConfig
+from training.data.schemas import read_shop, snapshot_id, write_shop
+from training.data.synthetic import GENERATOR_VERSION, generate_shop
 
 console = Console()
 

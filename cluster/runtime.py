@@ -6,6 +6,8 @@ import os
 
 import ray
 
+from training import NAMESPACE
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connects to RAY_ADDRESS if set (a `ray start` cluster or a job's cluster), else starts an embedded Ray."""
@@ -14,7 +16,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     # The project's packages travel with jobs as the working_dir; local runs import them from the install.
-    kwargs = {"namespace": "recsys", "logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
     else:

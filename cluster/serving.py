@@ -9,10 +9,10 @@ import httpx
 from ray import serve
 
 from deployments.app import ServingConfig, build_ingress_app, build_version_app
-from deployments.features import create_store
-from deployments.ingress import version_app_name
-from training.bundle import load_bundle
-from training.schemas import read_shop
+from deployments.ingress.routing import version_app_name
+from deployments.store import create_store
+from training.fit.bundle import load_bundle
+from training.data.schemas import read_shop
 
 INGRESS_APP = "recsys"
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
@@ -26,7 +26,7 @@ def deploy_version(bundle_dir: str | Path, cfg: ServingConfig) -> str:
     """Deploys (or updates) the application `recsys-<version>` of a bundle whose index is built; returns the version."""
     bundle_dir = str(Path(bundle_dir).resolve())
     version = load_bundle(bundle_dir).version
-    serve.run(build_version_app(bundle_dir, cfg), name=version_app_name(version), route_prefix=None,
+    serve.run(build_version_app(bundle_dir, version, cfg), name=version_app_name(version), route_prefix=None,
               logging_config=QUIET)
     return version
 
@@ -64,12 +64,3 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
             last = repr(e)
         time.sleep(0.5)
     raise TimeoutError(f"{url}/healthz not healthy after {timeout_s:.0f}s; last answer: {last}")
-
-
-def shutdown_serving(versions: list[str]) -> None:
-    """Deletes the applications and the versions' shard actors; leaves Ray running."""
-    from indexing.embed import drop_shards
-
-    serve.shutdown()
-    for v in versions:
-        drop_shards(v)

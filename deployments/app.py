@@ -6,11 +6,10 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.features import FeatureStore
-from deployments.ingress import Ingress
-from deployments.pipeline import VersionPipeline
+from deployments.ingress.routes import Ingress
 from deployments.ranking import Ranking
 from deployments.retrieval import Retrieval
+from deployments.version import Version
 
 
 @dataclass(frozen=True)
@@ -30,26 +29,24 @@ def _autoscaling(cfg: ServingConfig, target: int) -> dict[str, Any]:
     return {"min_replicas": 1, "max_replicas": cfg.max_replicas, "target_ongoing_requests": target}
 
 
-def build_version_app(bundle_dir: str, cfg: ServingConfig) -> Application:
-    """VersionPipeline -> Retrieval + Ranking, all built from one bundle."""
+def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Application:
+    """Version (describes the version) -> Retrieval + Ranking, all built from one bundle. The HTTP ingress calls
+    Retrieval and Ranking by handle; Version binds them into one application that is deployed and deleted whole."""
     opts = {"ray_actor_options": {"num_cpus": cfg.replica_cpus}}
     retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(bundle_dir, cfg.threads)
     ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads)
-    return VersionPipeline.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(
-        retrieval, ranking, bundle_dir, cfg.candidates)
+    return Version.options(ray_actor_options={"num_cpus": cfg.replica_cpus / 5}).bind(retrieval, ranking, bundle_dir, version)
 
 
 def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,
                       admin_token_sha256: str | None = None) -> Application:
-    """Ingress (HTTP, routing, policy) + FeatureStore; versions and policy travel as the ingress's user_config.
+    """The HTTP application: the Ingress, with versions, policy and the candidate count as its user_config.
 
     `admin_token_sha256` (hex sha256 of the admin bearer token) enables `/admin/policy`; without it the ingress reads
     the token from RECSYS_ADMIN_TOKEN, and with neither the admin endpoint refuses every call.
     """
-    user_config = {"versions": dict(versions), "policy": dict(policy or {})}
+    user_config = {"versions": dict(versions), "policy": dict(policy or {}), "candidates": cfg.candidates}
     if admin_token_sha256:
         user_config["admin_token_sha256"] = admin_token_sha256
-    store = FeatureStore.options(ray_actor_options={"num_cpus": cfg.replica_cpus / 2}).bind()
     return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
-                           autoscaling_config=_autoscaling(cfg, 16),
-                           user_config=user_config).bind(store)
+                           autoscaling_config=_autoscaling(cfg, 8), user_config=user_config).bind()

@@ -1,26 +1,15 @@
-"""The ranking stage of a version: the multi-task ranker, batching concurrent requests into one forward pass."""
+"""The ranking stage of a version: the request-time core (`training.request.ranking.RankingCore`) behind
+`@serve.batch`, so concurrent requests share one forward pass."""
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from ray import serve
 
-from training.bundle import load_bundle
-from training.features import USER_INPUTS
-from training.ranker import MultiTaskRanker, score_candidates
-
-
-def rank_requests(model: MultiTaskRanker, requests: list[dict[str, Any]]) -> list[np.ndarray]:
-    """Scores several requests in one pass: each {"features": {USER_INPUTS arrays of one row}, "item_idx": (n,)}."""
-    for r in requests:
-        missing = [k for k in USER_INPUTS if k not in r.get("features", {})]
-        if missing or "item_idx" not in r:
-            raise ValueError(f"rank request needs features {list(USER_INPUTS)} and item_idx; missing "
-                             f"{missing or ['item_idx']}")
-    stacked = [np.concatenate([r["features"][k] for r in requests]) for k in USER_INPUTS]  # (B, L) x3, (B, C)
-    return score_candidates(model, *stacked, [np.asarray(r["item_idx"]) for r in requests])
+from training.fit.bundle import load_bundle
+from training.request.contracts import RankedList, RankRequest
+from training.request.ranking import RankingCore
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
@@ -35,20 +24,22 @@ class Ranking:
     def __init__(self, bundle_dir: str, threads: int = 1, batching: bool = True, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.002) -> None:
         torch.set_num_threads(threads)  # [1] a fixed intra-op pool: replicas share cores, so 1 avoids oversubscription
-        self.model = load_bundle(bundle_dir).ranker()
+        bundle = load_bundle(bundle_dir)
+        self.version = bundle.version
+        self.core = RankingCore.from_bundle(bundle)
         self.batching = batching
         self._rank_batch.set_max_batch_size(max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def rank(self, request: dict[str, Any]) -> np.ndarray:
-        """{"features": encoded request (one row), "item_idx": (n,)} -> (n,) scores."""
+    async def rank(self, request: RankRequest) -> RankedList:
         if self.batching:
             return await self._rank_batch(request)
-        return rank_requests(self.model, [request])[0]
+        return self.core.rank([request])[0]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)  # [2] requests arriving within 2 ms share a pass
-    async def _rank_batch(self, requests: list[dict[str, Any]]) -> list[np.ndarray]:
-        return rank_requests(self.model, requests)
+    async def _rank_batch(self, requests: list[RankRequest]) -> list[RankedList]:
+        return self.core.rank(requests)
 
     async def health(self) -> dict[str, Any]:
-        return {"tasks": list(self.model.config.task_weights), "batching": self.batching}
+        return {"version": self.version, "tasks": list(self.core.model.config.task_weights),
+                "batching": self.batching}

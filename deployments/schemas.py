@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.schemas import ACTIONS
+from training.data.schemas import ACTIONS
 
 Action = Literal[ACTIONS]  # type: ignore[valid-type]
 Id = Field(min_length=1, max_length=128, pattern=r"^[^\s]+$")

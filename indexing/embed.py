@@ -17,9 +17,10 @@ import ray
 import torch
 
 from indexing.shards import FaissShard, shard_of
-from training.bundle import load_bundle
+from training import NAMESPACE
+from training.data.schemas import iso_utc_now
+from training.fit.bundle import load_bundle
 
-NAMESPACE = "recsys"
 INDEX_MANIFEST = "index.json"
 
 
@@ -112,11 +113,17 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
     if routed != len(bundle.items) or sum(s["ntotal"] for s in stats) != len(bundle.items):
         raise RuntimeError(f"index {bundle.version}: {routed} vectors routed, shards hold "
                            f"{sum(s['ntotal'] for s in stats)}, catalog has {len(bundle.items)}")
-    manifest = {"version": bundle.version, "index_type": "exact inner product (faiss IndexFlatIP)", "dim": dim,
-                "n_items": len(bundle.items), "shards": [{"name": shard_name(bundle.version, i), **s}
-                                                         for i, s in enumerate(stats)],
-                "build_seconds": seconds, "items_per_s": len(bundle.items) / seconds,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg.to_dict()}
+    return write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg)
+
+
+def write_index_manifest(bundle_dir: str | Path, version: str, dim: int, stats: list[dict], seconds: float,
+                         cfg: IndexConfig) -> dict:
+    """Records a built index beside its bundle (`index.json`): its shards with their counts, the build time."""
+    n_items = sum(s["ntotal"] for s in stats)
+    manifest = {"version": version, "index_type": "exact inner product (faiss IndexFlatIP)", "dim": dim,
+                "n_items": n_items, "shards": [{"name": shard_name(version, i), **s} for i, s in enumerate(stats)],
+                "build_seconds": seconds, "items_per_s": n_items / max(seconds, 1e-9),
+                "built_at": iso_utc_now(), "config": cfg.to_dict()}
     (Path(bundle_dir) / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 

@@ -15,9 +15,9 @@ def tiny_stack(ray_cluster, serve_port: int, tmp_path_factory: pytest.TempPathFa
     from cluster.demo import version_train_config
     from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
     from indexing.embed import embed_catalog
-    from training.pipeline import train_version
-    from training.schemas import write_shop
-    from training.synthetic import generate_shop
+    from training.fit.version import train_version
+    from training.data.schemas import write_shop
+    from training.data.synthetic import generate_shop
 
     root = tmp_path_factory.mktemp("stack")
     cfg = load_config("tiny")

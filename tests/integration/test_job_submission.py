@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_training_job_submitted_to_a_head_node_writes_a_bundle(ray_cluster, tmp_path):
-    from training.schemas import write_shop
-    from training.synthetic import generate_shop
+    from training.data.schemas import write_shop
+    from training.data.synthetic import generate_shop
 
     write_shop(generate_shop("tiny", seed=1), tmp_path / "shop")
     ray_bin = Path(sys.executable).parent / "ray"

@@ -17,21 +17,21 @@ def post(stack, path: str, body: dict) -> httpx.Response:
 
 
 def known_users(stack, n: int) -> list[str]:
-    from training.schemas import read_shop
+    from training.data.schemas import read_shop
 
     return read_shop(stack["shop"]).users.column("user_id").to_pylist()[:n]
 
 
 def engaged_user(stack) -> str:
     """A user with at least one engagement (click or deeper) in the shop's history."""
-    from training.schemas import read_shop
+    from training.data.schemas import read_shop
 
     events = read_shop(stack["shop"]).events.to_pandas()
     return str(events.loc[events["action"] != "view", "user_id"].iloc[0])
 
 
 def test_bundle_is_sealed_with_checksums_metrics_and_snapshot(tiny_stack):
-    from training.bundle import load_bundle, sha256_of
+    from training.fit.bundle import load_bundle, sha256_of
 
     bundle = load_bundle(tiny_stack["bundles"]["v1"])
     assert bundle.manifest["data_snapshot"]
@@ -48,8 +48,8 @@ def test_bundle_is_sealed_with_checksums_metrics_and_snapshot(tiny_stack):
 def test_shard_fan_out_and_merge_equals_one_exact_index_over_the_catalog(tiny_stack):
     from indexing.embed import get_shards, read_index_manifest
     from indexing.shards import merge_top_k
-    from training.bundle import load_bundle
-    from training.offline_eval import item_vectors
+    from training.fit.bundle import load_bundle
+    from training.fit.offline_metrics import item_vectors
 
     path = tiny_stack["bundles"]["v2"]
     manifest = read_index_manifest(path)
@@ -104,7 +104,7 @@ def test_unknown_user_gets_a_marked_cold_start_answer(tiny_stack):
 def test_posted_events_are_visible_to_the_next_recommend(tiny_stack):
     user = "fresh-shopper"
     assert post(tiny_stack, "/recommend", {"user_id": user}).json()["cold_start"] is True
-    from training.schemas import read_shop
+    from training.data.schemas import read_shop
 
     catalog = read_shop(tiny_stack["shop"]).catalog.column("item_id").to_pylist()
     events = [{"user_id": user, "item_id": catalog[i], "action": "click"} for i in range(5)]
@@ -123,7 +123,7 @@ def test_posted_events_are_visible_to_the_next_recommend(tiny_stack):
 def test_the_user_tower_follows_events_posted_a_moment_ago(tiny_stack):
     """The user vector is computed at request time from the online store: clicks on a second category move the
     answer towards it (no policy rule involved: no page preset, diversity off)."""
-    from training.schemas import read_shop
+    from training.data.schemas import read_shop
 
     catalog = read_shop(tiny_stack["shop"]).catalog.select(["item_id", "category"]).to_pandas()
     first, second = catalog["category"].value_counts().index[:2]

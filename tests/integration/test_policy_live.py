@@ -21,7 +21,7 @@ def post(stack, path: str, body: dict, headers: dict | None = None) -> httpx.Res
 
 
 def engaged_users(stack, n: int) -> list[str]:
-    from training.schemas import read_shop
+    from training.data.schemas import read_shop
 
     events = read_shop(stack["shop"]).events.to_pandas()
     return list(events.loc[events["action"] != "view", "user_id"].drop_duplicates().iloc[:n])
@@ -34,17 +34,15 @@ def admin_stack(tiny_stack):
     from ray import serve
 
     from cluster.serving import INGRESS_APP, QUIET, deploy_ingress, wait_healthy
-    from deployments.features import FeatureStore
-    from deployments.ingress import Ingress
+    from deployments.ingress.routes import Ingress
     from tests.integration.conftest import WEIGHTS
 
     cfg = tiny_stack["cfg"]
-    store = FeatureStore.options(ray_actor_options={"num_cpus": cfg.serving.replica_cpus / 2}).bind()
-    user_config = {"versions": dict(WEIGHTS), "policy": cfg.policy.to_dict(),
+    user_config = {"versions": dict(WEIGHTS), "policy": cfg.policy.to_dict(), "candidates": cfg.serving.candidates,
                    "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     two = {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 16}
     app = Ingress.options(ray_actor_options={"num_cpus": cfg.serving.replica_cpus}, autoscaling_config=two,
-                          user_config=user_config).bind(store)
+                          user_config=user_config).bind()
     serve.run(app, name=INGRESS_APP, route_prefix="/", logging_config=QUIET)
     wait_healthy(tiny_stack["url"])
     yield tiny_stack

@@ -2,7 +2,7 @@
 
 Ray Train V2 (the default in Ray 2.60) keeps a checkpoint-manager snapshot under `storage_path/<run name>/`; a new
 `TorchTrainer` with the same `RunConfig(name, storage_path)` reloads it and hands the latest checkpoint to the
-workers through `ray.train.get_checkpoint()`, from which `training.train_loop` restores weights, optimiser and epoch.
+workers through `ray.train.get_checkpoint()`, from which `training.fit.train_loop` restores weights, optimiser and epoch.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tower_inputs():
-    from training.protocols import leave_last_out
-    from training.retrieval_models import InBatchTwoTower, tower_data
-    from training.synthetic import generate_shop
-    from training.train_loop import TrainConfig
+    from training.data.splits import leave_last_out
+    from training.fit.retrieval import InBatchTwoTower, tower_data
+    from training.data.synthetic import generate_shop
+    from training.fit.train_loop import TrainConfig
 
     task = leave_last_out(generate_shop("tiny", 0), max_users=50, dataset="synthetic-tiny")
     cfg = TrainConfig(num_workers=1, dim=16, progress=False)
@@ -30,7 +30,7 @@ def tower_inputs():
 
 
 def test_a_second_fit_of_the_same_run_resumes_after_the_last_checkpoint(ray_cluster, tmp_path, tower_inputs):
-    from training.train_loop import fit_on_ray
+    from training.fit.train_loop import fit_on_ray
 
     spec, data, cfg = tower_inputs
     cfg = dataclasses.replace(cfg, storage_path=str(tmp_path / "runs"))

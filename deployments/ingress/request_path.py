@@ -1,0 +1,61 @@
+"""The one orchestrator of a request: the user's state from the online store, then the chosen version's retrieval
+and ranking (by handle, each its own scaled deployment), then the policy in this process.
+
+    ingress --actor call--> online store          user state (no deployment hop)
+            --handle------> Retrieval[v] --> index shards of v (fan-out, merge)
+            --handle------> Ranking[v]            (batched with concurrent requests)
+            policy (in process)                   apply_policy on the ranked list
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from deployments.ingress.routing import VersionStages
+from deployments.store import StoreClient
+from training.request.contracts import RankedList, RankRequest, RetrievalRequest, UserState
+from training.request.policy import apply_policy, request_rng
+from training.request.policy_config import PolicyConfig
+
+RANKED_PER_K = 4  # the policy sees 4k ranked items (at least 100), room to sort bought items down and diversify
+MIN_RANKED = 100
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The policy's final list for one request, with what the response and the metrics report about it."""
+
+    final: RankedList
+    cold_start: bool
+    now: float  # unix seconds the policy judged recency and novelty by
+    timings_ms: dict[str, float]
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+async def answer(user_id: str, context: dict, k: int, stages: VersionStages, store: StoreClient,
+                 policy: PolicyConfig, request_id: str, candidates: int) -> Answer:
+    """Runs one request through the stages of its version.
+
+    Args:
+        context: the request context (country, device, page, category, query).
+        policy: the request's policy (surface preset and overrides applied); its `sponsored_items` are ranked with
+            the candidates so the policy can place them.
+        candidates: how many items retrieval hands to ranking.
+    """
+    t0 = time.perf_counter()
+    state = await store.get(user_id)
+    t1 = time.perf_counter()
+    found = await stages.retrieval.retrieve.remote(RetrievalRequest(state, context, candidates))
+    t2 = time.perf_counter()
+    ranked = await stages.ranking.rank.remote(
+        RankRequest(found, max(RANKED_PER_K * k, MIN_RANKED), tuple(policy.sponsored_items)))
+    t3 = time.perf_counter()
+    now = time.time()
+    rng = request_rng(request_id) if policy.explore_epsilon > 0 else None
+    final = apply_policy(ranked, UserState(state["bought_at"], now), policy, rng)
+    timings = {"features": (t1 - t0) * 1000.0, "retrieval": (t2 - t1) * 1000.0, "ranking": (t3 - t2) * 1000.0,
+               "policy": _ms(t3)}
+    return Answer(final, found.cold_start, now, timings)

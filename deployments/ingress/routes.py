@@ -1,0 +1,157 @@
+"""The HTTP routes and the `Ingress` deployment, which wires the concerns of the other modules together: each
+route validates, delegates and answers.
+
+No `from __future__ import annotations` here: Serve's class-based routes hand FastAPI the methods' signatures at
+decoration time, and string annotations there are not resolved (the request body became a required query field).
+"""
+
+import asyncio
+import hashlib
+import os
+import time
+import uuid
+from datetime import timezone
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_admin_token, parse_policy,
+                                       registry_actor, unprocessable)
+from deployments.ingress.metrics import PolicyMetrics, answer_figures
+from deployments.ingress.request_path import answer
+from deployments.ingress.routing import VersionStages, choose_version, parse_weights
+from deployments.schemas import (EventsRequest, EventsResponse, LiveVersion, PolicyStateResponse, PolicyUpdateRequest,
+                                 RecommendedItem, RecommendRequest, RecommendResponse, VersionsResponse)
+from deployments.store import StoreClient, actor_store
+from training.request.policy_config import PolicyConfig
+
+app = FastAPI(title="recsys", description="Multi-stage recommendations: retrieval, ranking, policy.")
+USER_CONFIG_KEYS = ("versions", "policy", "admin_token_sha256", "candidates")
+CANDIDATES = 500  # retrieved per request and ranked
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # Serve's local testing mode runs no replica actor
+        return f"local-{uuid.uuid4().hex[:8]}"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, store: StoreClient | None = None, registry: Any = None,
+                 stages: dict[str, dict[str, DeploymentHandle]] | None = None) -> None:
+        """Collaborators default to the cluster's: the online store and policy registry actors, and each live
+        version's deployments looked up by handle. Serve's local testing mode passes in-process ones instead
+        (`tests/unit/deployments`): a store, a `PolicyRegistry`, and {version: {"retrieval", "ranking", "version"}}
+        bound deployments."""
+        self.store = store or actor_store()
+        self.fixed_stages = {v: VersionStages(**s) for v, s in (stages or {}).items()}
+        self.weights: dict[str, float] = {}
+        self.stages: dict[str, VersionStages] = {}
+        self.candidates = CANDIDATES
+        self.steering = PolicySteering(registry or registry_actor(), _replica_id())
+        env_token = os.environ.get(ADMIN_TOKEN_ENV)
+        self.env_token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else None
+        self.token_sha256 = self.env_token_sha256
+        self.metrics = PolicyMetrics()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """{"versions": {"v1": 90, "v2": 10}, "policy": {...}, "admin_token_sha256": "...", "candidates": 500}; a
+        bad config raises and the old one stays."""
+        unknown = set(user_config) - set(USER_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"ingress user_config: unknown keys {sorted(unknown)}; expected {list(USER_CONFIG_KEYS)}")
+        weights = parse_weights(user_config.get("versions", {}))
+        policy = PolicyConfig.from_dict(user_config.get("policy"))
+        candidates = user_config.get("candidates", CANDIDATES)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"ingress user_config.candidates: a positive integer, got {candidates!r}")
+        stages = {v: self.fixed_stages.get(v) or VersionStages.of(v) for v in weights}  # [1] by handle
+        self.weights, self.stages, self.candidates = weights, stages, candidates
+        self.token_sha256 = user_config.get("admin_token_sha256") or self.env_token_sha256
+        await self.steering.publish_base(policy)
+
+    async def __del__(self) -> None:
+        """Serve calls this when the replica shuts down."""
+        await self.steering.leave()
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, req: RecommendRequest,
+                        x_request_id: str | None = Header(None, max_length=128)) -> RecommendResponse:
+        t0 = time.perf_counter()
+        if req.version is not None and req.version not in self.stages:
+            raise HTTPException(404, f"version {req.version!r} is not live; live versions: {sorted(self.stages)}")
+        surface = self.steering.surface(req.context.page)
+        try:
+            policy = self.steering.config_for(surface).with_overrides(req.policy)
+        except ValueError as e:
+            raise unprocessable(["policy"], str(e)) from e
+        request_id = req.request_id or x_request_id or uuid.uuid4().hex
+        version = req.version or choose_version(req.user_id, self.weights)
+        try:
+            out = await answer(req.user_id, req.context.model_dump(), req.k, self.stages[version], self.store, policy,
+                               request_id, self.candidates)
+        except Exception as e:  # a failing stage answers with a clear error, never a hang or a crash
+            raise HTTPException(503, f"version {version} could not answer: {type(e).__name__}: {e}") from e
+        final = out.final
+        self.metrics.record(version, surface, answer_figures(final, req.k, out.now, policy.new_item_days),
+                            out.timings_ms["policy"])
+        items = [RecommendedItem(item_id=final.item_ids[i], score=float(final.scores[i]), brand=final.brands[i],
+                                 category=final.categories[i], reason=final.reasons[i])
+                 for i in range(min(req.k, len(final)))]
+        timings = {**out.timings_ms, "total": (time.perf_counter() - t0) * 1000.0}
+        return RecommendResponse(user_id=req.user_id, request_id=request_id, version=version,
+                                 cold_start=out.cold_start, items=items,
+                                 timings_ms={k: round(v, 3) for k, v in timings.items()})
+
+    @app.get("/admin/policy", response_model=PolicyStateResponse)
+    async def get_policy(self, authorization: str | None = Header(None)) -> PolicyStateResponse:
+        check_admin_token(authorization, self.token_sha256)
+        version, policy = await self.steering.registry.current()
+        return PolicyStateResponse(version=version, policy=policy,
+                                   applied_replicas=await self.steering.registry.applied(version))
+
+    @app.post("/admin/policy", response_model=PolicyStateResponse)
+    async def set_policy(self, req: PolicyUpdateRequest,
+                         authorization: str | None = Header(None)) -> PolicyStateResponse | JSONResponse:
+        """Validates and applies a whole policy config to every ingress replica; 200 once all live replicas
+        confirmed it, 504 (config stored, still spreading) when some did not in time."""
+        check_admin_token(authorization, self.token_sha256)
+        config = parse_policy(req.policy, ["policy"])
+        version, pending, applied = await self.steering.set(config)
+        body = PolicyStateResponse(version=version, policy=config.to_dict(), pending_replicas=pending,
+                                   applied_replicas=applied)
+        if pending:
+            return JSONResponse(body.model_dump(), status_code=504)
+        return body
+
+    @app.post("/events", response_model=EventsResponse)
+    async def events(self, req: EventsRequest) -> EventsResponse:
+        now = time.time()
+        rows = [{"user_id": e.user_id, "item_id": e.item_id, "action": e.action,
+                 "ts": (e.timestamp.replace(tzinfo=e.timestamp.tzinfo or timezone.utc).timestamp()
+                        if e.timestamp else now)} for e in req.events]
+        return EventsResponse(accepted=await self.store.append(rows))
+
+    @app.get("/versions", response_model=VersionsResponse)
+    async def versions(self) -> VersionsResponse:
+        infos = await asyncio.gather(*[self.stages[v].version.info.remote() for v in self.weights])
+        return VersionsResponse(versions=[LiveVersion(version=v, weight=self.weights[v], bundle=i["bundle"],
+                                                      index=i["index"]) for v, i in zip(self.weights, infos)])
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        results = await asyncio.gather(*[self.stages[v].version.health.remote() for v in self.weights],
+                                       self.store.stats(), return_exceptions=True)
+        failed = {name: f"{type(r).__name__}: {r}" for name, r in zip([*self.weights, "online_store"], results)
+                  if isinstance(r, BaseException)}
+        body = {"status": "ok" if not failed else "unavailable", "failed": failed,
+                "versions": {v: self.weights[v] for v in self.weights}}
+        return JSONResponse(body, status_code=200 if not failed else 503)

@@ -1,0 +1,29 @@
+"""The ingress deployment of a version's application (`recsys-<version>`): it describes the version and checks its
+stages. It is off the request path: the HTTP ingress reaches the version's `Retrieval` and `Ranking` by handle."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from indexing.embed import read_index_manifest
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=8)
+class Version:
+    """What `/versions` and `/healthz` ask of a version; binds its stages into one application."""
+
+    def __init__(self, retrieval: DeploymentHandle, ranking: DeploymentHandle, bundle_dir: str, version: str) -> None:
+        self.retrieval, self.ranking, self.bundle_dir, self.version = retrieval, ranking, bundle_dir, version
+
+    async def info(self) -> dict[str, Any]:
+        manifest = read_index_manifest(self.bundle_dir)
+        return {"version": self.version, "bundle": self.bundle_dir,
+                "index": {"n_items": manifest["n_items"], "shards": len(manifest["shards"]),
+                          "built_at": manifest["built_at"], "index_type": manifest["index_type"]}}
+
+    async def health(self) -> dict[str, Any]:
+        retrieval, ranking = await asyncio.gather(self.retrieval.health.remote(), self.ranking.health.remote())
+        return {"version": self.version, "retrieval": retrieval, "ranking": ranking}

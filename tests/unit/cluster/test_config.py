@@ -1,0 +1,19 @@
+"""Config errors name the bad key."""
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import load_config
+
+
+def test_config_unknown_keys_and_wrong_types_are_errors_naming_the_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {num_workerz: 2}\n")
+    with pytest.raises(ValueError, match="num_workerz"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("index: {n_shards: two}\n")
+    with pytest.raises(ValueError, match="index.n_shards"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("policy: {max_brand_run: 0}\n")
+    with pytest.raises(ValueError, match="max_brand_run"):
+        load_config(tmp_path / "c.yaml")
+    assert load_config("tiny").data.size == "tiny"

@@ -1,0 +1,128 @@
+"""The request path through the real deployments in Serve's local testing mode: the Ingress orchestrates the
+version's Retrieval (over in-process FAISS shards) and Ranking, then the policy; no Ray cluster is started."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from fastapi import HTTPException
+from ray import serve
+
+from deployments.calls import LocalCalls
+from deployments.ingress.admin import PolicyRegistry
+from deployments.ingress.routes import Ingress
+from deployments.ranking import Ranking
+from deployments.retrieval import Retrieval
+from deployments.schemas import EventsRequest, PolicyUpdateRequest, RecommendRequest
+from deployments.store import RecentActions, local_store
+from deployments.version import Version
+from indexing.embed import IndexConfig, write_index_manifest
+from indexing.shards import FaissShard, shard_of
+from training.data.features import build_feature_space
+from training.data.synthetic import generate_shop
+from training.fit.bundle import load_bundle, write_bundle
+from training.fit.offline_metrics import item_vectors
+from training.fit.version import items_table
+from training.models.ranker import MultiTaskRanker, RankerConfig
+from training.models.two_tower import SeedTwoTower, SeedTwoTowerConfig
+
+TOKEN = "local-admin-token"
+
+
+@pytest.fixture(scope="module")
+def local_app(tmp_path_factory):
+    """A tiny shop's bundle (untrained seed two-tower and ranker), its index in two in-process shards, the store
+    seeded with the shop's events, and the ingress wired to them; `serve.run` in local testing mode."""
+    torch.manual_seed(0)
+    shop = generate_shop("tiny", seed=0)
+    space = build_feature_space(shop.catalog, shop.users, shop.events)
+    sizes = {k: v for k, v in space.sizes.items() if k in SeedTwoTowerConfig.__dataclass_fields__}
+    path = write_bundle(tmp_path_factory.mktemp("bundle"), "v1", space,
+                        items_table(shop.catalog, space, np.ones(space.n_items + 1)),
+                        SeedTwoTower(SeedTwoTowerConfig(**sizes)), MultiTaskRanker(RankerConfig(**space.sizes)),
+                        {"retrieval": {}}, "snap", {}, {"model": "two_tower"})
+    V = item_vectors(load_bundle(path).two_tower())
+    ids = np.arange(1, space.n_items + 1)
+    shards = [FaissShard(V.shape[1]) for _ in range(2)]
+    for s, shard in enumerate(shards):
+        mine = ids[shard_of(ids, 2) == s]
+        shard.add(mine, V[mine])
+    write_index_manifest(path, "v1", V.shape[1], [s.stats() for s in shards], 0.0, IndexConfig())
+    state = RecentActions()
+    state.load_events(shop.events)
+    retrieval = Retrieval.bind(str(path), 1, [LocalCalls(s) for s in shards])
+    ranking = Ranking.bind(str(path), 1, False)  # @serve.batch needs a real replica: local mode scores one by one
+    version = Version.bind(retrieval, ranking, str(path), "v1")
+    user_config = {"versions": {"v1": 100}, "policy": {}, "candidates": 200,
+                   "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
+    app = Ingress.options(user_config=user_config).bind(
+        local_store(state), PolicyRegistry(), {"v1": {"retrieval": retrieval, "ranking": ranking, "version": version}})
+    handle = serve.run(app, _local_testing_mode=True)
+    engaged = [u for u in shop.events.column("user_id").to_pylist()[:200] if state.get(u)["items"]]
+    return {"handle": handle, "shop": shop, "user": engaged[0]}
+
+
+def recommend(app, **body):
+    return app["handle"].recommend.remote(RecommendRequest(**body), None).result()
+
+
+def test_a_request_runs_its_versions_retrieval_ranking_and_policy(local_app):
+    out = recommend(local_app, user_id=local_app["user"], k=10)
+    assert out.version == "v1" and not out.cold_start and len(out.items) == 10
+    assert len({i.item_id for i in out.items}) == 10
+    assert set(out.timings_ms) == {"features", "retrieval", "ranking", "policy", "total"}
+    brands = [i.brand for i in out.items]
+    assert all(a != b for a, b in zip(brands, brands[1:]))  # the policy's brand diversity ran on the ranked list
+
+
+def test_an_unknown_user_gets_the_cold_start_list(local_app):
+    out = recommend(local_app, user_id="nobody-seen-this-one", k=5)
+    assert out.cold_start and {i.reason for i in out.items} <= {"cold_start:popular", "cold_start:new"}
+
+
+def test_a_posted_purchase_sorts_the_item_down_in_the_next_answer(local_app):
+    user = local_app["user"]
+    first = recommend(local_app, user_id=user, k=5).items[0].item_id
+    events = EventsRequest(events=[{"user_id": user, "item_id": first, "action": "purchase"}])
+    assert local_app["handle"].events.remote(events).result().accepted == 1
+    assert first not in [i.item_id for i in recommend(local_app, user_id=user, k=5).items]
+
+
+def test_a_pinned_sponsored_item_is_ranked_and_placed_even_when_retrieval_missed_it(local_app):
+    user = local_app["user"]
+    shown = {i.item_id for i in recommend(local_app, user_id=user, k=200).items}
+    catalog = local_app["shop"].catalog.column("item_id").to_pylist()
+    outsider = next(i for i in catalog if i not in shown)
+    out = recommend(local_app, user_id=user, k=10, policy={"sponsored_items": [outsider], "sponsored_slots": [1]})
+    assert out.items[1].item_id == outsider and out.items[1].reason == "policy:sponsored"
+
+
+def test_a_version_that_is_not_live_is_a_404_and_a_bad_override_a_422(local_app):
+    with pytest.raises(HTTPException) as e:
+        recommend(local_app, user_id="u1", k=5, version="v9")
+    assert e.value.status_code == 404
+    with pytest.raises(HTTPException) as e:
+        recommend(local_app, user_id="u1", k=5, policy={"max_brand_run": 0})
+    assert e.value.status_code == 422 and "max_brand_run" in str(e.value.detail)
+
+
+def test_an_admin_policy_change_applies_to_the_next_request(local_app):
+    handle, user = local_app["handle"], local_app["user"]
+    blocked = recommend(local_app, user_id=user, k=10).items[0].category
+    with pytest.raises(HTTPException) as e:
+        handle.set_policy.remote(PolicyUpdateRequest(policy={"blocked_categories": [blocked]}), "Bearer wrong").result()
+    assert e.value.status_code == 403
+    state = handle.set_policy.remote(PolicyUpdateRequest(policy={"blocked_categories": [blocked]}),
+                                     f"Bearer {TOKEN}").result()
+    assert state.policy["blocked_categories"] == [blocked] and not state.pending_replicas
+    assert blocked not in {i.category for i in recommend(local_app, user_id=user, k=10).items}
+    handle.set_policy.remote(PolicyUpdateRequest(policy={}), f"Bearer {TOKEN}").result()
+
+
+def test_versions_and_health_describe_the_live_version(local_app):
+    versions = local_app["handle"].versions.remote().result().versions
+    assert [(v.version, v.weight) for v in versions] == [("v1", 100.0)]
+    health = local_app["handle"].healthz.remote().result()
+    assert health.status_code == 200

@@ -1,0 +1,120 @@
+"""Harness end to end on a tiny shop with the baselines only (they need no Ray), and its error paths."""
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from training.evaluation import harness
+from training.evaluation.harness import add_eval_arguments, eval_command, load_model, run_eval
+from training.data.schemas import write_shop
+from training.data.synthetic import generate_shop
+from training.fit.train_loop import TrainConfig
+
+BASELINES = ["popularity", "item_knn", "ease"]
+
+
+@pytest.fixture(scope="module")
+def shop_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("shop")
+    write_shop(generate_shop("tiny", 0), path)
+    return path
+
+
+def test_run_eval_with_baselines_writes_the_full_report(shop_dir: Path, tmp_path: Path) -> None:
+    quiet = Console(file=open(tmp_path / "log.txt", "w"))
+    results = run_eval(shop_dir, "synthetic", tmp_path / "out", BASELINES, cfg=TrainConfig(), max_users=200,
+                       console=quiet, sections=False)
+    assert list(results["protocols"]) == ["leave_last_out", "temporal"]
+    llo = results["protocols"]["leave_last_out"]
+    assert llo["task"]["evaluated_users"] == 200 and list(llo["models"]) == BASELINES
+    for m in llo["models"].values():
+        assert set(m["full"]) >= {"recall@10", "recall@500", "ndcg@10", "hr@100"}
+        assert m["full"]["recall@500"] >= m["full"]["recall@100"] >= m["full"]["recall@10"]
+        assert set(m["sampled"]) == {"popularity", "uniform"}
+        assert sum(b["users"] for b in m["by_history_length"].values()) == 200
+    assert llo["models"]["ease"]["full"]["ndcg@10"] > llo["models"]["popularity"]["full"]["ndcg@10"]
+    assert llo["multi_interest_gain"] == {}  # neither multi_interest nor two_tower ran
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["protocols"]["temporal"]["models"]["item_knn"]["full"]["users"] > 0
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "recall_at_k_temporal.png").is_file()
+    assert "temporal: ease NDCG@10" in (tmp_path / "log.txt").read_text()  # progress names model and protocol
+
+
+def test_unknown_model_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="'bm25'"):
+        load_model("bm25")
+
+
+def test_model_that_fails_to_import_is_an_error_naming_it(monkeypatch, shop_dir: Path, tmp_path: Path) -> None:
+    monkeypatch.setitem(harness.REGISTRY, "broken", "training.no_such_module:Model")
+    with pytest.raises(ImportError, match="model 'broken'"):
+        run_eval(shop_dir, "synthetic", tmp_path, ["popularity", "broken"], sections=False)
+    assert not (tmp_path / "results.json").exists()  # failed before any work
+
+
+def test_eval_command_parses_the_cli_arguments(shop_dir: Path, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--data", str(shop_dir), "--format", "synthetic", "--out", str(tmp_path / "r"),
+                              "--models", "popularity", "--protocols", "temporal", "--max-users", "30",
+                              "--no-sections"])
+    results = eval_command(args, TrainConfig())
+    assert list(results["protocols"]) == ["temporal"] and results["config"]["max_users"] == 30
+    bad = parser.parse_args(["--data", str(shop_dir), "--format", "synthetic", "--out", str(tmp_path),
+                             "--protocols", "random_split"])
+    with pytest.raises(ValueError, match="random_split"):
+        eval_command(bad, TrainConfig())
+    named = parser.parse_args(["--data", str(shop_dir), "--format", "synthetic", "--out", str(tmp_path),
+                               "--config", "tiny"])
+    with pytest.raises(ValueError, match="--config tiny"):
+        eval_command(named)
+
+
+class _FailingModel:
+    name = "failing"
+    needs_ray = False
+
+    def fit(self, task, cfg) -> dict:
+        raise FloatingPointError("loss is nan at step 3")
+
+    def recommend(self, task, k):
+        raise AssertionError("never reached")
+
+
+def test_a_model_that_fails_to_train_is_reported_and_raised_after_the_report(monkeypatch, shop_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    import sys
+    import types
+
+    module = types.ModuleType("_failing_model_for_test")
+    module.FailingModel = _FailingModel
+    monkeypatch.setitem(sys.modules, "_failing_model_for_test", module)
+    monkeypatch.setitem(harness.REGISTRY, "failing", "_failing_model_for_test:FailingModel")
+    with pytest.raises(RuntimeError, match="leave_last_out/failing: FloatingPointError: loss is nan"):
+        run_eval(shop_dir, "synthetic", tmp_path, ["popularity", "failing"], protocols=("leave_last_out",),
+                 max_users=50, sections=False, console=Console(file=open(tmp_path / "log.txt", "w")))
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert list(written["protocols"]["leave_last_out"]["models"]) == ["popularity"]
+    assert "loss is nan" in written["protocols"]["leave_last_out"]["failed"]["failing"]
+    assert "### Failed models" in (tmp_path / "report.md").read_text()
+
+
+def test_multi_interest_gain_groups_users_by_true_interest_count() -> None:
+    import numpy as np
+
+    from training.evaluation.harness import multi_interest_gain
+
+    class Task:
+        hidden = {"user_n_interests": np.array([1, 3, 4, 1, 2])}
+        user_rows = np.array([0, 1, 2, 3, 4])
+
+    per_user = {"multi_interest": {"recall@500": np.array([0.0, 1.0, 1.0, 1.0, 0.5]),
+                                   "interests": np.array([1, 3, 2, 1, 2])},
+                "two_tower": {"recall@500": np.array([1.0, 0.0, 0.5, 1.0, 0.5])}}
+    gain = multi_interest_gain(Task(), per_user)
+    assert list(gain) == ["1", "2", "3", "4", "3+"]
+    assert gain["1"]["gain"] == pytest.approx(-0.5) and gain["1"]["users"] == 2
+    assert gain["3+"]["gain"] == pytest.approx(0.75) and gain["3+"]["interests_used"] == pytest.approx(2.5)
+    assert multi_interest_gain(Task(), {"two_tower": per_user["two_tower"]}) == {}

@@ -1,0 +1,128 @@
+"""Ranking evaluation: graded NDCG against hidden relevance, re-ranking, candidate scoring, engagement negatives."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.unit.training.models.model_helpers import SIZES, toy_batch
+from training.data.features import build_feature_space, item_feature_table
+from training.metrics import popularity_counts
+from training.models.rank_baselines import BaselineConfig, DeepFM
+from training.models.ranker import TASKS, MultiTaskRanker, RankerConfig
+from training.evaluation.ranking import (candidate_logits, engagement_impressions, graded_ndcg, ranking_markdown, rerank,
+                                   true_relevance_of)
+
+
+def test_graded_ndcg_is_one_for_the_true_order_and_matches_a_hand_computed_value():
+    rel = np.array([[0.9, 0.1, 0.5]])
+    valid = np.ones_like(rel, dtype=bool)
+    assert graded_ndcg(rel, rel, valid, k=2) == pytest.approx(1.0)
+    # Order 1, 2, 0: DCG = 0.1 + 0.5 / log2(3); ideal = 0.9 + 0.5 / log2(3).
+    expected = (0.1 + 0.5 / np.log2(3)) / (0.9 + 0.5 / np.log2(3))
+    assert graded_ndcg(np.array([[1.0, 3.0, 2.0]]), rel, valid, k=2) == pytest.approx(expected)
+
+
+def test_graded_ndcg_never_places_padding_and_skips_users_without_relevance():
+    rel = np.array([[0.2, 0.9, 0.0], [0.0, 0.0, 0.0]])
+    valid = np.array([[True, False, True], [True, True, True]])
+    # The high-relevance column is padding: it neither counts in the ideal nor can the model score it.
+    assert graded_ndcg(np.array([[0.0, 9.0, 1.0], [1.0, 2.0, 3.0]]), rel, valid, k=1) == pytest.approx(0.0)
+    assert graded_ndcg(np.array([[1.0, 9.0, 0.0], [1.0, 2.0, 3.0]]), rel, valid, k=1) == pytest.approx(1.0)
+
+
+def test_rerank_orders_candidates_by_score_and_drops_empty_slots():
+    cands = np.array([[5, 0, 7, 9], [3, -1, -1, -1]])
+    scores = np.array([[0.1, 9.0, 0.7, 0.3], [0.5, 1.0, 2.0, 3.0]])
+    assert rerank(scores, cands, k=3).tolist() == [[7, 9, 5], [3, -1, -1]]
+
+
+def test_true_relevance_of_reads_the_generator_truth_by_row():
+    from training.data.synthetic import generate_shop, true_relevance
+
+    shop = generate_shop("tiny", 0)
+    cands = np.array([[1, 10, 0], [2, 3, 4]])
+    rel = true_relevance_of(shop.hidden, np.array([5, 7]), cands)
+    assert rel[0, 2] == 0.0
+    assert rel[1, 0] == pytest.approx(true_relevance(shop.hidden, np.array(7), np.array(1)))
+
+
+@pytest.mark.parametrize("make", [lambda: MultiTaskRanker(RankerConfig(**SIZES)),
+                                  lambda: DeepFM(BaselineConfig(**SIZES))])
+def test_candidate_logits_equal_one_row_per_candidate(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    users = tuple(x.numpy() for x in toy_batch(B=3))
+    cands = np.array([[4, 8, 15], [16, 23, 42], [1, 2, 3]])
+    got = candidate_logits(model, users, cands, chunk=2)
+    with torch.inference_mode():
+        for u in range(3):
+            rows = [torch.from_numpy(a[u:u + 1]).repeat(3, 1) for a in users]
+            want = model.logits(*rows, torch.from_numpy(cands[u])).numpy()
+            np.testing.assert_allclose(got[u], want, atol=1e-5)
+
+
+def test_engagement_impressions_label_engagements_and_sample_negatives():
+    from training.data.synthetic import generate_shop
+
+    shop = generate_shop("tiny", 0)
+    events = shop.events.filter(np.array([a != "view" for a in shop.events.column("action").to_pylist()]))
+    space = build_feature_space(shop.catalog, shop.users, shop.events)
+    feats = item_feature_table(shop.catalog, space)
+    pop = popularity_counts(space.lookup("item_ids", events.column("item_id").to_pylist()), space.n_items)
+    imp = engagement_impressions(events, space, feats, pop, seed=0)
+    n_pos = int(imp.labels[:, 0].sum())
+    assert n_pos == len(events) and len(imp) == 5 * n_pos  # 4 negatives per engagement
+    assert (imp.labels[:, 3].sum() == sum(a == "purchase" for a in events.column("action").to_pylist()))
+    assert (imp.position == -1).all() and np.all(np.diff(imp.time_ms) >= 0)
+
+
+def test_markdown_table_has_a_row_per_model_and_the_truth_column_only_with_truth():
+    metrics = {t: {"auc": 0.7, "log_loss": 0.3, "positives": 5} for t in TASKS}
+    results = {"impressions": "views", "train_impressions": 90, "heldout_impressions": 10, "users": 4,
+               "candidates_per_user": 500, "retrieval_order_ndcg@10": 0.1,
+               "models": {"a": {"tasks": metrics, "ndcg@10": 0.2, "training": {"seconds": 3.0}},
+                          "b": {"tasks": metrics, "ndcg@10": float("nan"), "training": {"seconds": 4.0}}}}
+    md = ranking_markdown(results)
+    assert md.count("\n| a |") + md.count("\n| b |") == 2 and "true r" not in md and "n/a" in md
+
+
+def test_sampled_negatives_keep_every_impression_add_unlabelled_unshown_rows_in_time_order():
+    from training.data.examples import Impressions
+    from training.evaluation.ranking import add_sampled_negatives
+
+    n = 10
+    imp = Impressions(np.arange(n * 3).reshape(n, 3), np.ones((n, 3), np.int64), np.ones((n, 3), np.int64),
+                      np.zeros((n, 8), np.int64), np.arange(1, n + 1), np.arange(n), np.ones((n, 4), np.float32),
+                      np.arange(n) * 10)
+    out = add_sampled_negatives(imp, n_items=50, ratio=0.5, seed=0)
+    assert len(out) == 15 and out.labels.sum() == imp.labels.sum()
+    neg = out.labels.sum(1) == 0
+    assert (out.position[neg] == -1).all() and np.all(np.diff(out.time_ms) >= 0)
+    # a negative carries the history of the impression it was drawn beside
+    assert all(out.hist_items[i, 0] == 3 * (out.time_ms[i] // 10) for i in np.nonzero(neg)[0])
+
+
+def test_query_context_dropout_blanks_only_category_and_query_fields():
+    from training.data.examples import Impressions
+    from training.evaluation.ranking import drop_query_context
+
+    n = 400
+    imp = Impressions(np.ones((n, 3), np.int64), np.ones((n, 3), np.int64), np.ones((n, 3), np.int64),
+                      np.arange(1, 9)[None].repeat(n, 0), np.arange(1, n + 1), np.zeros(n, np.int64),
+                      np.zeros((n, 4), np.float32), np.arange(n))
+    out = drop_query_context(imp, p=0.5, seed=0)
+    blank = (out.context[:, 3:] == 0).all(1)
+    assert 0.4 < blank.mean() < 0.6
+    assert (out.context[:, :3] == imp.context[:, :3]).all() and (out.context[~blank] == imp.context[~blank]).all()
+    assert (imp.context[:, 3:] > 0).all()  # the input is not modified
+
+
+def test_fusion_with_retrieval_keeps_an_item_both_orders_agree_on_at_the_top():
+    from training.evaluation.ranking import fused_with_retrieval, rerank
+
+    scores = np.array([[0.1, 0.9, 0.5, 0.2]])  # ranker: 2nd, 3rd, 4th, 1st; retrieval: the given order
+    fused = fused_with_retrieval(scores)
+    cands = np.array([[11, 12, 13, 14]])
+    assert rerank(fused, cands, 2)[0].tolist() == [12, 11]  # ranker 1st + retrieval 2nd beats ranker 4th + 1st
+    assert np.allclose(fused_with_retrieval(-np.arange(4.0)[None]), 2.0 / (60 + np.arange(1, 5)))  # agreement

@@ -1,0 +1,207 @@
+"""Harness adapters of the neural retrieval models: training arrays, fit specs and exact full-catalog ranking.
+
+`fit` itself runs on Ray Train (covered by tests/integration); here the same model is trained in process on the
+adapter's own arrays and spec, so the ranking is that of a real, trained model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.metrics import recall_at_k
+from training.data.splits import leave_last_out
+from training.fit.retrieval import InBatchTwoTower, SASRecRetrieval, SeedTwoTowerRetrieval, sasrec_data, tower_data
+from training.fit.train_loop import MIN_BATCH_SIZE, MIN_STEPS_PER_EPOCH, batch_size_for
+from training.fit.retrieval import MultiInterestRetrieval
+from training.models.multi_interest import MultiInterestConfig, MultiInterestModel
+from training.models.sasrec import SEQUENCE_INPUTS
+from training.data.synthetic import generate_shop
+from training.fit.train_loop import TrainConfig, build_model
+from training.models.two_tower import TOWER_INPUTS
+
+
+
+
+@pytest.fixture(scope="module")
+def task():
+    return leave_last_out(generate_shop("tiny", 0), max_users=200, dataset="synthetic-tiny")
+
+
+def _train_in_process(adapter, task, steps: int = 40) -> None:
+    """The Ray Train loop's steps on one process: prepare, Adam, shuffled batches of the adapter's arrays."""
+    data = adapter.training_data(task)
+    spec = adapter.fit_spec(task, TrainConfig(dim=32))
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.model_config)
+    model.prepare(data)
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    n = len(data[spec.inputs[0]])
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        idx = rng.integers(0, n, size=min(spec.batch_size, n))
+        loss = model(*(torch.from_numpy(data[k][idx]) for k in spec.inputs))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    adapter.model = model.eval()
+
+
+def test_tower_data_keeps_first_engagements_only_and_counts_targets(task):
+    data = tower_data(task)
+    n = len(data["target"])
+    assert all(len(data[k]) == n for k in TOWER_INPUTS) and n > 1000
+    assert (data["target"] > 0).all()
+    raw = tower_data(task, drop_repeats=False)
+    assert len(raw["target"]) > n  # the shop has click -> cart -> purchase runs on one item
+    np.testing.assert_array_equal(data["item_counts"], np.bincount(data["target"], minlength=task.space.n_items + 1))
+    assert all(len(data[k]) == task.space.n_items + 1 for k in ("item_brand", "item_category", "item_price"))
+
+
+def test_sasrec_data_targets_are_new_items_for_their_user(task):
+    data = sasrec_data(task)
+    assert data["seq_items"].shape == data["seq_targets"].shape
+    assert data["seq_items"].shape[1] == task.space.history_len
+    t = data["seq_targets"]
+    assert (t > 0).sum() > 1000
+    rows, cols = np.nonzero(t)
+    for r, c in zip(rows[:200], cols[:200]):
+        assert t[r, c] not in data["seq_items"][r, :c + 1]  # never a repeat of an item earlier in the window
+
+
+def test_fit_spec_carries_the_model_class_config_and_schedule(task):
+    spec = SeedTwoTowerRetrieval(user_encoder="attention", epochs=2).fit_spec(task, TrainConfig(dim=16))
+    assert spec.model == "training.models.two_tower:SeedTwoTower"
+    assert spec.model_config["user_encoder"] == "attention" and spec.model_config["dim"] == 16
+    assert spec.model_config["n_items"] == task.space.n_items + 1
+    assert spec.inputs == TOWER_INPUTS and spec.epochs == 2
+    sas = SASRecRetrieval().fit_spec(task, TrainConfig())
+    assert sas.model == "training.models.sasrec:SASRec" and sas.inputs == SEQUENCE_INPUTS and sas.batch_size == 128
+    assert InBatchTwoTower().fit_spec(task, TrainConfig()).model == "training.models.two_tower:TwoTower"
+
+
+def test_large_data_keeps_the_configured_batch_size():
+    enough = 1024 * 2 * MIN_STEPS_PER_EPOCH
+    assert batch_size_for(enough, 2, 1024) == 1024
+    assert batch_size_for(84_074, 2, 1024) == 1024  # the demo shop's leave-last-out examples: unchanged
+    assert batch_size_for(enough - 2 * MIN_STEPS_PER_EPOCH, 2, 1024) == 1023
+
+
+@pytest.mark.parametrize("n", [6_801, 20_000, 50_000])
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_small_data_shrinks_the_batch_so_an_epoch_has_the_minimum_steps(n, workers):
+    b = batch_size_for(n, workers, 1024)
+    assert MIN_BATCH_SIZE <= b <= 1024
+    assert n // (b * workers) >= MIN_STEPS_PER_EPOCH  # the train loop's steps per epoch
+
+
+def test_tiny_data_stops_at_the_batch_floor_and_never_raises_a_small_batch():
+    assert batch_size_for(500, 2, 1024) == MIN_BATCH_SIZE
+    assert batch_size_for(500, 2, 1024, min_batch=16) == 16
+    assert batch_size_for(500, 2, 8) == 8  # a configured batch below the floor stays
+
+
+def test_fit_spec_shrinks_only_a_batch_size_the_caller_did_not_give(task):
+    cfg = TrainConfig(num_workers=2, tower_batch_size=1024)
+    assert SeedTwoTowerRetrieval().fit_spec(task, cfg, n_examples=8_000).batch_size == 100
+    assert SeedTwoTowerRetrieval().fit_spec(task, cfg).batch_size == 1024  # no example count: as configured
+    assert SeedTwoTowerRetrieval(batch_size=512).fit_spec(task, cfg, n_examples=8_000).batch_size == 512
+    assert SASRecRetrieval().fit_spec(task, cfg, n_examples=1_311).batch_size == 16  # windows: its own floor
+
+
+@pytest.mark.parametrize("adapter", [SeedTwoTowerRetrieval(), SeedTwoTowerRetrieval(user_encoder="attention"),
+                                     InBatchTwoTower(), SASRecRetrieval()],
+                         ids=["seed_transformer", "seed_attention", "in_batch", "sasrec"])
+def test_every_parameter_gets_a_gradient_on_every_batch(task, adapter):
+    """DDP (find_unused_parameters=False) fails on the next step when a parameter got no gradient on some rank."""
+    data = adapter.training_data(task)
+    spec = adapter.fit_spec(task, TrainConfig(dim=16), n_examples=len(data[adapter.inputs[0]]))
+    torch.manual_seed(0)
+    model = build_model(spec.model, spec.model_config)
+    model.prepare(data)
+    rng = np.random.default_rng(0)
+    for b in (1, 2, spec.batch_size, 3 * spec.batch_size):
+        idx = rng.integers(0, len(data[spec.inputs[0]]), size=b)
+        model.zero_grad(set_to_none=True)
+        loss = model(*(torch.from_numpy(data[k][idx]) for k in spec.inputs))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_unknown_model_config_keys_are_named():
+    with pytest.raises(ValueError, match="n_layer"):
+        SeedTwoTowerRetrieval(n_layer=2)
+
+
+def test_recommend_before_fit_is_an_error(task):
+    with pytest.raises(RuntimeError, match="fit"):
+        InBatchTwoTower().recommend(task, 10)
+
+
+@pytest.mark.parametrize("adapter", [SeedTwoTowerRetrieval(batch_size=256), SASRecRetrieval(batch_size=64)],
+                         ids=["seed_two_tower", "sasrec"])
+def test_recommend_ranks_the_catalog_exactly_without_seen_items(task, adapter):
+    _train_in_process(adapter, task)
+    k = 100
+    ranked = adapter.recommend(task, k)
+    assert ranked.shape == (len(task.user_ids), k) and ranked.dtype == np.int64
+    assert (ranked > 0).all()  # 2,000 items: always k eligible ones
+    for row, seen in zip(ranked, task.seen):
+        assert not np.isin(row, seen).any()
+        assert len(np.unique(row)) == k
+    # Exact: the first user's list is the brute-force top-k of the dot products among unseen items.
+    with torch.no_grad():
+        u = adapter.model.user_tower(*(torch.from_numpy(a) for a in task.user_inputs(slice(0, 1))))
+        scores = (u @ adapter.model.item_tower_by_index(torch.arange(task.space.n_items + 1)).T)[0].numpy()
+    scores[0] = -np.inf
+    scores[task.seen[0]] = -np.inf
+    np.testing.assert_array_equal(np.sort(ranked[0]), np.sort(np.argsort(-scores, kind="stable")[:k]))
+    # Trained, it finds held-out items far above chance (k / n_items = 0.05; 40 steps reach ~0.55).
+    assert recall_at_k(ranked, task.targets, k) > 0.3
+
+
+def test_harness_adapter_returns_k_distinct_unseen_items_with_reasons():
+    from training.data.splits import leave_last_out
+
+    task = leave_last_out(generate_shop("tiny", seed=0), max_users=40)
+    torch.manual_seed(0)
+    model = MultiInterestModel(MultiInterestConfig(**task.space.sizes, dim=16)).eval()
+    f = task.item_features
+    model.items.set_item_features(*(torch.from_numpy(a) for a in (f.brand_idx, f.category_idx, f.price_bucket)))
+    adapter = MultiInterestRetrieval()
+    adapter.model = model
+    ranked, reasons = adapter.recommend_with_reasons(task, 50)
+    assert ranked.shape == (40, 50)
+    for row, why, seen in zip(ranked, reasons, task.seen):
+        items = row[row > 0]
+        assert len(items) == 50 == len(why) and len(set(items.tolist())) == 50
+        assert not np.isin(items, seen).any()
+        assert all(r.startswith(("interest:", "condition:category=")) for r in why)
+    used = adapter.interests(task)
+    assert used.shape == (40,) and used.min() >= 1 and used.max() <= 4
+
+
+def test_harness_adapter_shrinks_the_configured_batch_on_small_data_only(monkeypatch):
+    """Same rule as the seed model (`batch_size_for`): a small shop still gets enough optimiser steps per epoch."""
+    import training.fit.retrieval as retrieval
+    import training.fit.train_loop as train_loop
+    from training.data.splits import leave_last_out
+    from training.fit.retrieval import tower_data
+    from training.fit.train_loop import batch_size_for
+
+    task = leave_last_out(generate_shop("tiny", seed=0), max_users=40)
+    specs = []
+
+    def fake_fit_on_ray(spec, data, cfg, run_name):
+        specs.append(spec)
+        model = train_loop.build_model(spec.model, spec.model_config)
+        return model.state_dict(), [{"epoch": 1, "loss": 0.0, "examples_per_s": 1.0}]
+
+    monkeypatch.setattr(retrieval, "fit_on_ray", fake_fit_on_ray)
+    cfg = train_loop.TrainConfig(num_workers=2, tower_batch_size=1024, dim=16)
+    info = MultiInterestRetrieval().fit(task, cfg)
+    n = len(tower_data(task)["target"])
+    assert specs[-1].batch_size == info["batch_size"] == batch_size_for(n, 2, 1024) < 1024
+    MultiInterestRetrieval(batch_size=512).fit(task, cfg)
+    assert specs[-1].batch_size == 512  # given explicitly: used as is

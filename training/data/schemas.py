@@ -1,0 +1,293 @@
+"""Every Arrow schema of the project's files, their validation, and the shop folder reader/writer.
+
+One module decides the contracts (STYLE rule 7): the catalog, users, events and candidates tables. Readers
+validate against these schemas and reject a bad file with a `SchemaError` that names the file, the column and
+the problem, so a broken input fails at the edge instead of deep inside a training loop.
+
+A shop folder holds one data set::
+
+    DIR/catalog.parquet   CATALOG_SCHEMA
+    DIR/users.parquet     USERS_SCHEMA
+    DIR/events.parquet    EVENTS_SCHEMA, sorted by timestamp
+    DIR/shop.json         meta (source, size, seed, end_time, ...)
+    DIR/hidden/<key>.npy  ground truth the models never read (synthetic shops only)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+# Funnel order; an action's integer id elsewhere is its index here + 1, because 0 is padding.
+ACTIONS: tuple[str, ...] = ("view", "click", "wishlist", "add_to_cart", "purchase")
+
+TIMESTAMP = pa.timestamp("ms", tz="UTC")
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("brand", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("price", pa.float64(), nullable=False),
+        pa.field("created_at", TIMESTAMP, nullable=False),
+        pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=True),
+    ]
+)
+
+USERS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("country", pa.string(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+    ]
+)
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("timestamp", TIMESTAMP, nullable=False),
+        pa.field("action", pa.string(), nullable=False),
+        pa.field("position", pa.int32(), nullable=True),  # 0-based slot the item was shown at; null if unknown
+        pa.field("country", pa.string(), nullable=True),
+        pa.field("device", pa.string(), nullable=True),
+        pa.field("page", pa.string(), nullable=True),
+        pa.field("query", pa.string(), nullable=True),
+    ]
+)
+
+_SHOP_FILES = (("catalog", CATALOG_SCHEMA), ("users", USERS_SCHEMA), ("events", EVENTS_SCHEMA))
+
+
+class SchemaError(ValueError):
+    """A table or file does not match its Arrow schema; the message names the table, the column and the problem."""
+
+
+def _is_stringlike(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _cast_column(col: pa.ChunkedArray, target: pa.DataType, name: str, column: str) -> pa.ChunkedArray:
+    """Casts one column to `target`, allowing only casts that keep the meaning (no numbers silently turned into ids)."""
+    src = col.type
+    if src == target:
+        return col
+    if pa.types.is_dictionary(src):
+        col = pa.chunked_array([c.dictionary_decode() for c in col.chunks], type=src.value_type)
+        return _cast_column(col, target, name, column)
+    if pa.types.is_null(src):
+        # An all-null column has no type of its own; the nullability check decides whether it is acceptable.
+        return pa.chunked_array([pa.nulls(len(col), target)], type=target)
+    try:
+        if _is_stringlike(target) and _is_stringlike(src):
+            return col.cast(target)
+        if pa.types.is_integer(target) and pa.types.is_integer(src):
+            return col.cast(target, safe=True)  # raises when a value does not fit
+        if pa.types.is_floating(target) and (pa.types.is_floating(src) or pa.types.is_integer(src)):
+            return col.cast(target, safe=False)  # float64 -> float32 loses precision only, which scores tolerate
+        if pa.types.is_timestamp(target) and (pa.types.is_timestamp(src) or pa.types.is_date(src)):
+            if pa.types.is_date(src):
+                col = col.cast(pa.timestamp("ms"))
+            # Naive timestamps are taken as UTC; tz-aware ones are stored as UTC instants already, so a tz change is
+            # metadata only. Sub-millisecond digits are dropped on purpose (the contract is millisecond precision).
+            col = col.cast(pa.timestamp(col.type.unit, tz="UTC"))
+            return col.cast(target, safe=False)
+        if pa.types.is_map(target) and pa.types.is_map(src):
+            return col.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise SchemaError(f"{name}: column '{column}' of type {src} cannot be cast to {target}: {exc}") from exc
+    raise SchemaError(f"{name}: column '{column}' has type {src}, expected {target}")
+
+
+def _examples(values: pa.Array, limit: int = 5) -> list:
+    return values.unique().slice(0, limit).to_pylist()
+
+
+def _check_unique(table: pa.Table, column: str, name: str) -> None:
+    counts = pc.value_counts(table[column])
+    dupes = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dupes):
+        raise SchemaError(
+            f"{name}: column '{column}' has {len(dupes)} duplicate value(s), e.g. {dupes.field('values')[0].as_py()!r}"
+        )
+
+
+def _check_values(table: pa.Table, schema: pa.Schema, name: str) -> None:
+    if schema.equals(EVENTS_SCHEMA):
+        action = table["action"]
+        unknown = pc.invert(pc.is_in(action, value_set=pa.array(ACTIONS)))
+        n_unknown = pc.sum(unknown).as_py() or 0
+        if n_unknown:
+            bad = _examples(action.filter(unknown).combine_chunks())
+            raise SchemaError(
+                f"{name}: column 'action' has {n_unknown} unknown value(s) {bad}; allowed: {list(ACTIONS)}"
+            )
+        n_negative = pc.sum(pc.less(table["position"], 0)).as_py() or 0
+        if n_negative:
+            raise SchemaError(f"{name}: column 'position' has {n_negative} negative value(s); positions are 0-based")
+    elif schema.equals(CATALOG_SCHEMA):
+        price = table["price"]
+        n_bad = pc.sum(pc.or_(pc.less(price, 0.0), pc.is_nan(price))).as_py() or 0
+        if n_bad:
+            raise SchemaError(f"{name}: column 'price' has {n_bad} negative or NaN value(s)")
+        _check_unique(table, "item_id", name)
+    elif schema.equals(USERS_SCHEMA):
+        _check_unique(table, "user_id", name)
+
+
+def validate_table(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
+    """Checks a table against a schema and returns it in the schema's exact shape.
+
+    Args:
+        table: the table to check; extra columns are allowed and dropped.
+        schema: one of this module's schemas.
+        name: what to call the table in errors (usually its file path).
+
+    Returns:
+        A table with exactly the schema's columns, in order, cast to the schema's types.
+
+    Raises:
+        SchemaError: a column is missing, has a type that cannot be cast safely, holds nulls where the schema forbids
+            them, or holds values outside the contract (unknown action, negative position or price, duplicate ids).
+    """
+    columns = []
+    for f in schema:
+        if f.name not in table.column_names:
+            raise SchemaError(f"{name}: missing column '{f.name}' ({f.type}); found columns {table.column_names}")
+        col = _cast_column(table[f.name], f.type, name, f.name)
+        if not f.nullable and col.null_count:
+            raise SchemaError(f"{name}: column '{f.name}' has {col.null_count} null value(s) but is not nullable")
+        columns.append(col)
+    out = pa.Table.from_arrays(columns, schema=schema)
+    _check_values(out, schema, name)
+    return out
+
+
+def read_table(path: str | Path, schema: pa.Schema, name: str | None = None) -> pa.Table:
+    """Reads one Parquet file and validates it against `schema`.
+
+    Args:
+        path: the Parquet file.
+        schema: the schema it must follow.
+        name: what to call it in errors; the path by default.
+
+    Returns:
+        The validated table.
+
+    Raises:
+        SchemaError: the file is missing, unreadable, or does not follow the schema.
+    """
+    path = Path(path)
+    name = name or str(path)
+    if not path.is_file():
+        raise SchemaError(f"{name}: no such file {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SchemaError(f"{name}: cannot read Parquet file {path}: {exc}") from exc
+    return validate_table(table, schema, name)
+
+
+def write_table(table: pa.Table, path: str | Path, schema: pa.Schema) -> None:
+    """Validates a table against `schema` and writes it as Parquet (parent folders are created).
+
+    Raises:
+        SchemaError: the table does not follow the schema; nothing is written then.
+    """
+    path = Path(path)
+    table = validate_table(table, schema, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+@dataclass
+class Shop:
+    """One data set: validated tables, JSON-able metadata and (synthetic only) the hidden ground truth.
+
+    Attributes:
+        catalog: CATALOG_SCHEMA table.
+        users: USERS_SCHEMA table.
+        events: EVENTS_SCHEMA table, sorted by timestamp.
+        meta: {"source", "size", "seed", "end_time" (ISO-8601 UTC of the last event), ...}.
+        hidden: arrays the models never read, rows in the catalog/users order (e.g. "item_latent": (n_items, 16)).
+    """
+
+    catalog: pa.Table
+    users: pa.Table
+    events: pa.Table
+    meta: dict
+    hidden: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def write_shop(shop: Shop, out_dir: str | Path) -> None:
+    """Writes a shop folder: the three Parquet files, shop.json and hidden/<key>.npy."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (stem, schema), table in zip(_SHOP_FILES, (shop.catalog, shop.users, shop.events)):
+        write_table(table, out_dir / f"{stem}.parquet", schema)
+    (out_dir / "shop.json").write_text(json.dumps(shop.meta, indent=2, sort_keys=True) + "\n")
+    if shop.hidden:
+        (out_dir / "hidden").mkdir(exist_ok=True)
+        for key, array in shop.hidden.items():
+            np.save(out_dir / "hidden" / f"{key}.npy", array)
+
+
+def _check_references(events: pa.Table, table: pa.Table, column: str, name: str, other: str) -> None:
+    missing = pc.invert(pc.is_in(events[column], value_set=table[column].combine_chunks()))
+    n_missing = pc.sum(missing).as_py() or 0
+    if n_missing:
+        example = events[column].filter(missing)[0].as_py()
+        raise SchemaError(f"{name}: column '{column}' has {n_missing} event(s) whose {column} is not in {other}, "
+                          f"e.g. {example!r}")
+
+
+def read_shop(path: str | Path) -> Shop:
+    """Reads and validates a shop folder written by `write_shop` (or by hand).
+
+    Events are sorted by timestamp (stable, so an already sorted file keeps its order) and must only reference
+    items of the catalog and users of the users table.
+
+    Raises:
+        SchemaError: a file is missing or invalid, or events reference unknown items or users.
+    """
+    path = Path(path)
+    catalog, users, events = (read_table(path / f"{stem}.parquet", schema) for stem, schema in _SHOP_FILES)
+    events_name = str(path / "events.parquet")
+    _check_references(events, catalog, "item_id", events_name, "the catalog")
+    _check_references(events, users, "user_id", events_name, "users")
+    events = events.take(pc.sort_indices(events, sort_keys=[("timestamp", "ascending")]))
+    meta_path = path / "shop.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    hidden = {p.stem: np.load(p) for p in sorted((path / "hidden").glob("*.npy"))} if (path / "hidden").is_dir() else {}
+    return Shop(catalog=catalog, users=users, events=events, meta=meta, hidden=hidden)
+
+
+def snapshot_id(path: str | Path) -> str:
+    """A short, stable content hash of a shop folder: the data snapshot id recorded in model bundles.
+
+    Returns:
+        The first 16 hex digits of the sha256 over catalog, users and events Parquet bytes, in that order.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    for stem, _ in _SHOP_FILES:
+        file = path / f"{stem}.parquet"
+        if not file.is_file():
+            raise SchemaError(f"{path}: no such file {file}")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def iso_utc_now() -> str:
+    """The current time as ISO 8601 UTC to the second ("2026-12-01T21:35:39Z"), as manifests record it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,138 @@
+"""Trains one model version end to end: shop -> temporal split -> Ray Train (retrieval, ranker) -> eval -> bundle."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from training.fit.bundle import BUNDLE_FORMAT, check_version, load_bundle, write_bundle
+from training.data.examples import add_sampled_negatives, impressions
+from training.data.features import engagements_of, in_stock, item_feature_table, item_lookups
+from training.fit.registry import load_model
+from training.metrics import evaluate_ranked
+from training.fit.offline_metrics import KS, evaluate_ranker, popularity_ranked
+from training.data.splits import temporal
+from training.models.ranker import MultiTaskRanker, RankerConfig
+from training.data.schemas import read_shop, snapshot_id
+from training.fit.train_loop import RANKER, FitSpec, TrainConfig, build_model, fit_on_ray
+
+
+def _log(msg: str) -> None:
+    print(f"[train] {msg}", flush=True)
+
+
+def items_table(catalog: pa.Table, space, popularity: np.ndarray) -> pa.Table:
+    """The bundle's catalog snapshot in item-index order, with encoded features and training popularity."""
+    feats = item_feature_table(catalog, space)
+    return catalog.select(["item_id", "brand", "category", "price", "created_at"]).append_column(
+        "item_idx", pa.array(feats.item_idx[1:])).append_column(
+        "brand_idx", pa.array(feats.brand_idx[1:])).append_column(
+        "category_idx", pa.array(feats.category_idx[1:])).append_column(
+        "price_bucket", pa.array(feats.price_bucket[1:])).append_column(
+        "popularity", pa.array(popularity[1:].astype(np.float32))).append_column(
+        "in_stock", pa.array(in_stock(catalog)))
+
+
+def training_run_id(shop_dir: str | Path, cfg: TrainConfig) -> str:
+    """Names the Ray Train runs of one training attempt: the same data, config and bundle format give the same id,
+    so an interrupted `recsys train` resumes from its checkpoints, while any other attempt starts fresh."""
+    key = json.dumps({"data": snapshot_id(shop_dir), "train": cfg.to_dict(), "format": BUNDLE_FORMAT}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+RANKER_SETTINGS = ("ranker_epochs", "ranker_batch_size", "ranker_lr", "ranker_max_impressions",
+                   "ranker_negatives_per_view", "history_len", "test_fraction")  # what a shared ranker must match
+
+
+def train_ranker(task, history, cfg: TrainConfig, run_name: str) -> tuple[torch.nn.Module, list[dict]]:
+    """The multi-task ranker on the task's logged views, each with `ranker_negatives_per_view` unshown items."""
+    space, feats = task.space, task.item_features
+    views = impressions(task.train_events, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
+                        item_category=feats.category_idx)
+    # Unshown items as negatives: logged views all come from the user's interests, so without them a ranker never
+    # learns that an off-interest candidate is bad (exposure bias; see training.evaluation.ranking).
+    ranker_data = add_sampled_negatives(views, space.n_items, cfg.ranker_negatives_per_view, cfg.seed)
+    _log(f"{len(ranker_data):,} ranker examples ({len(views):,} views and their sampled negatives)")
+    spec = FitSpec(RANKER, RankerConfig(**space.sizes).to_dict(), MultiTaskRanker.TRAIN_INPUTS,
+                   cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr)
+    state, hist = fit_on_ray(spec, ranker_data.as_dict() | item_lookups(feats), cfg, run_name)
+    ranker = build_model(spec.model, spec.model_config)
+    ranker.load_state_dict(state)
+    return ranker, hist
+
+
+def shared_ranker(bundle_dir: str | Path, shop_dir: str | Path,
+                  cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]] | None:
+    """The ranker of an earlier bundle when it was trained on the same data with the same ranker settings."""
+    other = load_bundle(bundle_dir)
+    same = other.manifest["data_snapshot"] == snapshot_id(shop_dir) and all(
+        other.config["train"].get(k) == getattr(cfg, k) for k in RANKER_SETTINGS)
+    if not same:
+        return None
+    return other.ranker(), other.metrics.get("training", {}).get("ranker", [])
+
+
+RETRIEVAL_MODELS = ("two_tower", "two_tower_in_batch", "multi_interest")  # harness registry names a bundle can carry
+
+
+def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, cfg: TrainConfig,
+                  ranker_from: str | Path | None = None) -> Path:
+    """Trains the retrieval model (`cfg.retrieval_model`) and the ranker on Ray Train; writes `bundles_dir/<version>/`.
+
+    Both learn from the events before a global temporal cutoff; the metrics in the bundle come from the events
+    after it (the harness's temporal protocol), with popularity as the reference.
+
+    `ranker_from` names a bundle of the same data whose ranker this version may share: when its data snapshot and
+    ranker settings match, its ranker is copied instead of trained again (the ranker does not depend on the
+    retrieval model), and the bundle records where it came from.
+    """
+    check_version(version)
+    if cfg.retrieval_model not in RETRIEVAL_MODELS:
+        raise ValueError(f"retrieval_model must be one of {list(RETRIEVAL_MODELS)}, got {cfg.retrieval_model!r}")
+    t_start = time.perf_counter()
+    shop = read_shop(shop_dir)
+    task = temporal(shop, cfg.test_fraction, max_users=cfg.eval_users, seed=cfg.seed, history_len=cfg.history_len,
+                    dataset=Path(shop_dir).name)
+    space, feats = task.space, task.item_features
+    _log(f"{len(shop.catalog):,} items, {len(shop.users):,} users, {len(shop.events):,} events; "
+         f"{task.train_events.num_rows:,} events before the temporal cutoff")
+
+    run_id = training_run_id(shop_dir, cfg)
+    retriever = load_model(cfg.retrieval_model)
+    retriever.run_name = f"{version}-{cfg.retrieval_model}-{run_id}"
+    tower_info = retriever.fit(task, cfg)
+    tower = retriever.model
+
+    history = engagements_of(task.train_events, space)
+    shared = shared_ranker(ranker_from, shop_dir, cfg) if ranker_from else None
+    if shared is not None:
+        ranker, ranker_hist = shared
+        _log(f"ranker shared from {ranker_from} (same data and ranker settings): not trained again")
+    else:
+        ranker, ranker_hist = train_ranker(task, history, cfg, f"{version}-ranker-{run_id}")
+
+    _log("evaluating on the held-out split")
+    with torch.inference_mode():
+        retrieval = {cfg.retrieval_model: evaluate_ranked(retriever.recommend(task, max(KS)), task.targets, KS),
+                     "popularity": evaluate_ranked(popularity_ranked(task.popularity, task), task.targets, KS)}
+        test_imp = impressions(shop.events, space, history, max_rows=200_000, seed=cfg.seed,
+                               item_category=feats.category_idx)
+        # Views after the cutoff, with histories frozen at the cutoff so nothing leaks from the test period.
+        ranking = evaluate_ranker(ranker.eval(), test_imp.subset(test_imp.time_ms >= int(task.new_after_ms)))
+    metrics = {"retrieval": retrieval, "ranking": ranking, "eval_users": len(task.user_ids),
+               "retrieval_model": cfg.retrieval_model,
+               "protocol": "global temporal split, full-catalog ranking, already-seen items excluded",
+               "training": {"retrieval": tower_info["history"], "ranker": ranker_hist},
+               "ranker_shared_from": str(ranker_from) if shared is not None else None,
+               "train_seconds": time.perf_counter() - t_start}
+    conditions = getattr(retriever, "conditions", None)  # the multi-interest model's explicit-condition settings
+    serving = {"model": cfg.retrieval_model, "conditions": conditions.to_dict() if conditions else {}}
+    path = write_bundle(bundles_dir, version, space, items_table(shop.catalog, space, task.popularity), tower, ranker,
+                        metrics, snapshot_id(shop_dir), cfg.to_dict(), serving)
+    _log(f"bundle {path} written in {time.perf_counter() - t_start:.0f}s")
+    return path

@@ -1,0 +1,95 @@
+"""The typed contracts between the request-time stages: what retrieval returns (`Candidates`), what ranking takes
+(`RankRequest`) and returns (`RankedList`, the policy's input), and what the policy knows of the user (`UserState`).
+
+Frozen where they cross a Serve hop: a deployment never mutates what another sent it. Arrays are NumPy, ids strings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RetrievalRequest:
+    """One user's state from the online store and the request context, for a version's retrieval."""
+
+    history: dict[str, Any]  # {"items", "actions", "timestamps"} oldest first (the online store's state)
+    context: dict[str, Any]  # country, device, page, category, query; any may be None
+    k: int  # candidates wanted
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Retrieval's answer: up to k item indices of the version's bundle, best first, each with its reason."""
+
+    features: dict[str, np.ndarray]  # the encoded request (`USER_INPUTS`, one row each): ranking reuses it
+    item_idx: np.ndarray  # (m,) int64 item indices (1..n_items)
+    scores: np.ndarray  # (m,) float32 retrieval scores
+    reasons: tuple[str, ...]  # (m,) "retrieval", "interest:<i>", "condition:category=<c>", "cold_start:*"
+    cold_start: bool = False  # no engagement to build a user vector from: popular and new items
+
+    def __post_init__(self) -> None:
+        if not (len(self.item_idx) == len(self.scores) == len(self.reasons)):
+            raise ValueError(f"Candidates: item_idx, scores and reasons differ in length: {len(self.item_idx)}, "
+                             f"{len(self.scores)}, {len(self.reasons)}")
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """What the ranking stage scores: the candidates, and the items the policy must be able to place."""
+
+    candidates: Candidates
+    n_out: int  # the best n_out are returned (the policy needs room to down-sort and diversify)
+    pinned_items: tuple[str, ...] = field(default_factory=tuple)  # e.g. sponsored item ids: scored and always kept
+
+
+@dataclass
+class RankedList:
+    """One request's ranked items, best first; the fields are parallel sequences of length n."""
+
+    item_ids: list[str]
+    scores: np.ndarray  # (n,) float32
+    brands: list[str]
+    categories: list[str]
+    reasons: list[str]  # why each item is here, e.g. "retrieval", "interest:1", "cold_start:popular"
+    created_at: np.ndarray | None = None  # (n,) float64 unix seconds; None: no item counts as new
+    in_stock: np.ndarray | None = None  # (n,) bool; None: every item is in stock
+
+    def __post_init__(self) -> None:
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        if self.created_at is not None:
+            self.created_at = np.asarray(self.created_at, dtype=np.float64).reshape(-1)
+        if self.in_stock is not None:
+            self.in_stock = np.asarray(self.in_stock, dtype=bool).reshape(-1)
+        n = len(self.item_ids)
+        lengths = {"scores": len(self.scores), "brands": len(self.brands), "categories": len(self.categories),
+                   "reasons": len(self.reasons)}
+        lengths.update({k: len(getattr(self, k)) for k in ("created_at", "in_stock") if getattr(self, k) is not None})
+        wrong = {name: size for name, size in lengths.items() if size != n}
+        if wrong:
+            raise ValueError(f"RankedList fields must all have len(item_ids) = {n}; got {wrong}")
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def take(self, order: Sequence[int], reasons: Sequence[str] | None = None) -> RankedList:
+        """A new list holding the items at positions ``order`` (a reorder or a selection); ``reasons`` (indexed
+        like this list) replaces the current reasons."""
+        idx = [int(i) for i in order]
+        pick = (lambda seq: list(itemgetter(*idx)(seq)) if len(idx) > 1 else [seq[i] for i in idx])
+        return RankedList(
+            item_ids=pick(self.item_ids), scores=self.scores[idx], brands=pick(self.brands),
+            categories=pick(self.categories), reasons=pick(self.reasons if reasons is None else reasons),
+            created_at=None if self.created_at is None else self.created_at[idx],
+            in_stock=None if self.in_stock is None else self.in_stock[idx])
+
+
+@dataclass
+class UserState:
+    """What the policy knows about the requesting user."""
+
+    bought_at: dict[str, float]  # item_id -> unix seconds of the user's latest purchase of it
+    now: float  # unix seconds of the request

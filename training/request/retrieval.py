@@ -1,0 +1,131 @@
+"""The retrieval core of a version at request time, without the index: encode the request, build the user's
+queries, and merge what the index answered into candidates. The Serve `Retrieval` deployment holds one and runs the
+search between `queries` and `merge`; nothing here imports Ray.
+
+The algorithm is chosen once, from the bundle's config, when the core is built: a single-vector model (the seed
+two-tower, the in-batch two-tower) sends one query; the multi-interest model sends one query per interest and per
+explicit condition and shares the k candidates between them by quota (`training.request.interests`), with the
+condition settings the version was trained and evaluated with.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from training.data.features import USER_INPUTS, FeatureSpace
+from training.request.contracts import Candidates, RetrievalRequest
+from training.request.features import request_features
+from training.request.interests import (ConditionConfig, InterestQueries, category_query_buckets, merge_queries,
+                                        user_queries)
+
+COLD_START_EACH = 250  # popular and new items offered to a user without history, before ranking
+MULTI_INTEREST = "multi_interest"  # the registry name (`training.fit.registry`) of the multi-interest model
+
+
+class QueryCache:
+    """Least-recently-used cache of user queries, keyed by the encoded request's bytes.
+
+    The key holds the history with its age buckets and the context, so an event posted to /events (or an action
+    ageing into the next bucket) is a new key: a cached vector is only reused for exactly the same user state.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size, self.hits, self.misses = size, 0, 0
+        self._entries: OrderedDict[bytes, Any] = OrderedDict()
+
+    @staticmethod
+    def key(features: dict[str, np.ndarray]) -> bytes:
+        return b"".join(np.ascontiguousarray(features[name]).tobytes() for name in USER_INPUTS)
+
+    def get_or_compute(self, features: dict[str, np.ndarray], compute: Callable[[], Any]) -> Any:
+        key = self.key(features)
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        value = self._entries[key] = compute()
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+
+class RetrievalCore:
+    """One version's request-time retrieval: `queries(request)`, then the caller's search, then `merge`."""
+
+    def __init__(self, model: torch.nn.Module, space: FeatureSpace, item_category: np.ndarray,
+                 popularity: np.ndarray, created_ms: np.ndarray, model_name: str,
+                 conditions: ConditionConfig = ConditionConfig(), cache_size: int = 10_000) -> None:
+        """Args:
+            model: the bundle's retrieval model (eval mode).
+            item_category: (n_items + 1,) category index per item index.
+            popularity, created_ms: (n_items,) per bundle item (row i = item index i + 1), for cold start.
+            model_name: the registry name the version was trained with; `MULTI_INTEREST` picks the multi-query path.
+            conditions: the multi-interest model's explicit-condition settings (ignored otherwise).
+        """
+        self.model, self.space, self.item_category = model, space, item_category
+        self.multi_interest = model_name == MULTI_INTEREST
+        if self.multi_interest and not hasattr(model, "user_interests"):
+            raise ValueError(f"retrieval model {type(model).__name__} was recorded as {model_name!r} but has no "
+                             "user_interests")
+        self.conditions = conditions
+        self.categories = list(space.categories)
+        self.query_category = category_query_buckets(self.categories)
+        self.popular = np.argsort(-popularity, kind="stable")[:COLD_START_EACH] + 1  # item indices
+        newest = np.argsort(-created_ms, kind="stable") + 1
+        self.new = newest[~np.isin(newest, self.popular)][:COLD_START_EACH]
+        self.cache = QueryCache(cache_size)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> "RetrievalCore":
+        """The core of a `training.fit.bundle.Bundle` (its retrieval model, items and recorded settings)."""
+        retrieval = bundle.config.get("retrieval", {})
+        return cls(bundle.two_tower(), bundle.space, bundle.item_features().category_idx,
+                   bundle.items.column("popularity").to_numpy(),
+                   pc.cast(bundle.items.column("created_at"), "int64").to_numpy(),
+                   retrieval.get("model", ""), ConditionConfig.from_dict(retrieval.get("conditions")))
+
+    def encode(self, req: RetrievalRequest, now_s: float) -> dict[str, np.ndarray]:
+        return request_features(self.space, req.history, req.context, now_s)
+
+    def queries(self, features: dict[str, np.ndarray]) -> InterestQueries | None:
+        """The request's (nq, D) queries with their reasons, cached per user state; None for a cold start."""
+        if not features["hist_actions"].any():  # no engagement to build a user vector from
+            return None
+        return self.cache.get_or_compute(features, lambda: self._queries(features))
+
+    @torch.inference_mode()
+    def _queries(self, features: dict[str, np.ndarray]) -> InterestQueries:
+        arrays = [features[name] for name in USER_INPUTS]
+        if self.multi_interest:
+            return user_queries(self.model, arrays, self.item_category, self.categories, self.query_category,
+                                self.conditions)
+        # torch.tensor copies: arrays arriving through Serve are read-only.
+        xq = self.model.user_tower(*(torch.tensor(a) for a in arrays)).numpy()  # (1, D)
+        return InterestQueries(xq, np.zeros(1, np.int64), np.ones(1), np.zeros(1, np.int64), ["retrieval"])
+
+    def merge(self, features: dict[str, np.ndarray], q: InterestQueries, D: np.ndarray, I: np.ndarray,
+              k: int) -> Candidates:
+        """The index's (nq, k) scores D and item indices I (-1 = none) -> at most k candidates with reasons."""
+        if self.multi_interest:
+            idx, scores, reasons = merge_queries(D, I, q, 1, k, self.item_category, self.conditions.min_score)[0]
+        else:
+            keep = I[0] >= 0
+            idx, scores, reasons = I[0][keep], D[0][keep], ["retrieval"] * int(keep.sum())
+        return Candidates(features, idx.astype(np.int64), scores.astype(np.float32), tuple(reasons))
+
+    def cold_start(self, features: dict[str, np.ndarray], k: int) -> Candidates:
+        """Popular items, then new ones, for a user with no engagement."""
+        idx = np.concatenate([self.popular, self.new])[:k]
+        reasons = (["cold_start:popular"] * len(self.popular) + ["cold_start:new"] * len(self.new))[:k]
+        return Candidates(features, idx.astype(np.int64), np.zeros(len(idx), np.float32), tuple(reasons),
+                          cold_start=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {"model": "multi_interest" if self.multi_interest else "single_vector",
+                "query_cache": {"hits": self.cache.hits, "misses": self.cache.misses}}
