@@ -31,6 +31,9 @@ class DemoConfig:
     retrieval: dict[str, str] = field(default_factory=dict)
     bundles_dir: str = "bundles"
     users: int = 300  # distinct users in the demo's traffic (split observed over them)
+    # Versions after the first reuse its ranker when data and ranker settings match: the demo's versions differ in
+    # retrieval only, and a second identical ranker training would cost minutes and teach nothing.
+    share_ranker: bool = True
     requests: int = 300
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,21 +52,53 @@ def version_train_config(cfg: RecsysConfig, version: str, i: int) -> TrainConfig
                                retrieval_model=cfg.demo.retrieval.get(version, cfg.train.retrieval_model))
 
 
-def ensure_bundles(cfg: RecsysConfig, shop_dir: Path) -> dict[str, Path]:
-    """Trains (or reuses, for the same data snapshot) one bundle per demo version, then builds each one's index."""
+class Phases:
+    """Wall time per demo phase, printed as a table at the end."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def table(self) -> Table:
+        table = Table(title="time per phase")
+        table.add_column("phase")
+        table.add_column("seconds", justify="right")
+        for name, s in self.seconds.items():
+            table.add_row(name, f"{s:.0f}")
+        table.add_row("total", f"{sum(self.seconds.values()):.0f}")
+        return table
+
+
+def ensure_bundles(cfg: RecsysConfig, shop_dir: Path, phases: Phases) -> dict[str, Path]:
+    """Trains (or reuses, for the same data snapshot) one bundle per demo version, then builds each one's index.
+
+    With `demo.share_ranker`, versions after the first take the first version's ranker (same data, same ranker
+    settings) instead of training an identical one again: the versions differ in their retrieval models.
+    """
     root = Path(cfg.demo.bundles_dir) / f"shop-{snapshot_id(shop_dir)}-format{BUNDLE_FORMAT}"
-    bundles = {}
+    bundles: dict[str, Path] = {}
     for i, version in enumerate(cfg.demo.versions):
         path = root / version
         if (path / MANIFEST).is_file():
             console.print(f"[bold]train[/] reusing bundle {path}")
         else:
             train_cfg = version_train_config(cfg, version, i)
-            console.rule(f"training {version} ({train_cfg.retrieval_model} + ranker) on Ray Train "
+            ranker_from = next(iter(bundles.values()), None) if cfg.demo.share_ranker else None
+            console.rule(f"training {version} ({train_cfg.retrieval_model} + "
+                         f"{'shared ranker' if ranker_from else 'ranker'}) on Ray Train "
                          f"({cfg.train.num_workers} workers)")
-            train_version(shop_dir, root, version, train_cfg)
+            with phases.timed(f"train {version}"):
+                train_version(shop_dir, root, version, train_cfg, ranker_from=ranker_from)
         console.rule(f"indexing {version} on Ray Data into {cfg.index.n_shards} FAISS shard actors")
-        manifest = embed_catalog(path, cfg.index)
+        with phases.timed(f"index {version}"):
+            manifest = embed_catalog(path, cfg.index)
         console.print(f"[bold]index[/] {version}: {manifest['n_items']:,} items in {len(manifest['shards'])} shards, "
                       f"{manifest['items_per_s']:,.0f} items/s, manifest {path / INDEX_MANIFEST}")
         bundles[version] = path
@@ -155,12 +189,18 @@ def send_traffic(url: str, cfg: RecsysConfig, shop_dir: Path) -> dict[str, Any]:
 
 def run_demo(cfg: RecsysConfig, keep_serving: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
-    shop_dir = ensure_shop(cfg)
-    init_ray()
-    bundles = ensure_bundles(cfg, shop_dir)
+    phases = Phases()
+    with phases.timed("data"):
+        shop_dir = ensure_shop(cfg)
+    with phases.timed("ray start"):
+        init_ray()
+    bundles = ensure_bundles(cfg, shop_dir, phases)
     console.print(metrics_table(bundles))
-    url = deploy(cfg, shop_dir, bundles)
-    report = send_traffic(url, cfg, shop_dir)
+    with phases.timed("deploy"):
+        url = deploy(cfg, shop_dir, bundles)
+    with phases.timed("http requests"):
+        report = send_traffic(url, cfg, shop_dir)
+    console.print(phases.table())
     console.rule(f"demo done in {time.perf_counter() - t0:.0f}s")
     if keep_serving:
         serve_forever(url)

@@ -9,9 +9,17 @@ import ray
 from training import NAMESPACE
 
 
+class _DropQueueLengthProbes(logging.Filter):
+    """The driver's own handles log missed queue-length probes on `ray.serve`; they say nothing to a person."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "queue length" not in record.getMessage()
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connects to RAY_ADDRESS if set (a `ray start` cluster or a job's cluster), else starts an embedded Ray."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    logging.getLogger("ray.serve").addFilter(_DropQueueLengthProbes())
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
