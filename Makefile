@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/recsys bench stages --out bench/results/stages.json
 	$(BIN)/recsys bench ranking --out bench/results/ranking.json
 	$(BIN)/recsys bench policy --out bench/results/policy.json
+	$(BIN)/recsys bench request_path --out bench/results/request_path.json
 
 clean:
 	rm -rf data bundles runs out bench/results

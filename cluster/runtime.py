@@ -19,7 +19,9 @@ class _DropQueueLengthProbes(logging.Filter):
 def init_ray(num_cpus: int | None = None) -> None:
     """Connects to RAY_ADDRESS if set (a `ray start` cluster or a job's cluster), else starts an embedded Ray."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    logging.getLogger("ray.serve").addFilter(_DropQueueLengthProbes())
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.setLevel(logging.WARNING)  # the driver's per-deploy INFO lines; the demo prints its own progress
+    serve_logger.addFilter(_DropQueueLengthProbes())
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

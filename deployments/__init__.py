@@ -1,2 +1,3 @@
-"""deployments/ owns the Ray Serve applications: the HTTP ingress with routing and policy, one pipeline app per model
-version (retrieval, ranking), the online feature store front, and the builders that wire them."""
+"""deployments/ owns the Ray Serve applications: the HTTP ingress (routes, the request path, version routing, admin
+steering, metrics), each version's stages (Retrieval, Ranking, Version), the online store, and the app builders.
+Each deployment is thin: it builds a core of `training.request` in `__init__` and forwards to it."""

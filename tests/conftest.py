@@ -53,6 +53,8 @@ def ray_cluster():
     """
     import ray
 
+    from training import NAMESPACE
+
     port, dashboard, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0"}
@@ -67,7 +69,7 @@ def ray_cluster():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(port, head)
-        ray.init(address=f"127.0.0.1:{port}", namespace="recsys", log_to_driver=False)
+        ray.init(address=f"127.0.0.1:{port}", namespace=NAMESPACE, log_to_driver=False)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
         from ray import serve
 
