@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cluster.config import load_config
+from indexing.index_types import KINDS
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -37,12 +38,17 @@ def _index(args: argparse.Namespace) -> None:
     from cluster.runtime import init_ray
     from indexing.embed import embed_catalog
 
+    import dataclasses
+
     cfg = load_config(args.config)
+    index_cfg = cfg.index
+    if args.shards is not None:
+        index_cfg = dataclasses.replace(index_cfg, n_shards=args.shards)
+    if args.kind is not None:
+        index_cfg = dataclasses.replace(index_cfg, ann=dataclasses.replace(index_cfg.ann, kind=args.kind))
     init_ray()
-    index_cfg = cfg.index if args.shards is None else type(cfg.index)(**{**cfg.index.to_dict(),
-                                                                         "n_shards": args.shards})
     manifest = embed_catalog(args.bundle, index_cfg)
-    print(json.dumps({k: manifest[k] for k in ("version", "n_items", "build_seconds", "items_per_s")}))
+    print(json.dumps({k: manifest[k] for k in ("version", "index_type", "n_items", "build_seconds", "items_per_s")}))
 
 
 def _demo(args: argparse.Namespace, keep_serving: bool = False) -> None:
@@ -106,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("index", help="re-embed a bundle's catalog on Ray Data into FAISS shard actors")
     i.add_argument("--bundle", type=Path, required=True)
     i.add_argument("--shards", type=int, default=None)
+    i.add_argument("--kind", choices=KINDS, default=None, help="index type (default from config: index.ann.kind)")
     i.add_argument("--config", default=None)
     i.set_defaults(func=_index)
 

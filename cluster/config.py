@@ -78,7 +78,10 @@ def _build(cls: type, data: dict[str, Any] | None, where: str) -> Any:
             kwargs[name] = float(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own validation: say where in the file it was
+        raise ValueError(f"config {where}: {e}") from e
 
 
 def load_config(path: str | Path | None = None) -> RecsysConfig:

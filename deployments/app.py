@@ -10,6 +10,7 @@ from deployments.ingress.routes import Ingress
 from deployments.ranking import Ranking
 from deployments.retrieval import Retrieval
 from deployments.version import Version
+from indexing.embed import LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,14 @@ class ServingConfig:
     replica_cpus: float = 0.1  # fractional: a 2-core machine hosts every stage of two versions
     max_replicas: int = 4  # autoscaling ceiling per deployment
     threads: int = 1  # torch threads per model replica; scale out with replicas, not threads
+    # Where a retrieval replica searches the index (indexing.embed.index_layout): auto holds it in process when it
+    # fits index_memory_mb (1M items x 64 float32 is 256 MB), and fans out to the shard actors beyond that.
+    index_layout: str = "auto"
+    index_memory_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        if self.index_layout not in LAYOUTS:
+            raise ValueError(f"serving.index_layout must be one of {list(LAYOUTS)}, got {self.index_layout!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,7 +42,8 @@ def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Appl
     """Version (describes the version) -> Retrieval + Ranking, all built from one bundle. The HTTP ingress calls
     Retrieval and Ranking by handle; Version binds them into one application that is deployed and deleted whole."""
     opts = {"ray_actor_options": {"num_cpus": cfg.replica_cpus}}
-    retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(bundle_dir, cfg.threads)
+    retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(
+        bundle_dir, cfg.threads, cfg.index_layout, cfg.index_memory_mb)
     ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads)
     return Version.options(ray_actor_options={"num_cpus": cfg.replica_cpus / 5}).bind(retrieval, ranking, bundle_dir, version)
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.calls import ActorCalls
-from indexing.embed import get_shards, read_index_manifest
+from deployments.calls import ActorCalls, LocalCalls
+from indexing.embed import get_shards, index_layout, load_shards, read_index_manifest
 from indexing.shards import merge_top_k
 from training.fit.bundle import load_bundle
 from training.request.contracts import Candidates, RetrievalRequest
@@ -23,21 +23,30 @@ from training.request.retrieval import RetrievalCore
 class Retrieval:
     """User queries at request time, fan-out to every index shard of the version, one merge to the candidates."""
 
-    def __init__(self, bundle_dir: str, threads: int = 1, shards: Sequence[Any] | None = None) -> None:
-        """shards: the index shards as `search`/`stats` coroutines; default: the version's shard actors (Serve's
-        local testing mode passes `LocalCalls` of in-process `FaissShard`s)."""
+    def __init__(self, bundle_dir: str, threads: int = 1, layout: str = "auto", memory_mb: float = 1024.0,
+                 shards: Sequence[Any] | None = None) -> None:
+        """Args:
+            layout, memory_mb: where the index is searched (`indexing.embed.index_layout`): in this replica's own
+                memory when the whole index fits `memory_mb` (one hop fewer per request), else on the shard actors.
+            shards: the shards as `search`/`stats` coroutines, overriding the layout (Serve's local testing mode).
+        """
         torch.set_num_threads(threads)  # [1] replicas share cores: one intra-op thread each, scale out by replicas
         bundle = load_bundle(bundle_dir)
         self.version = bundle.version
         self.core = RetrievalCore.from_bundle(bundle)  # [2] the algorithm is chosen here, once per bundle
+        self.layout = "given"
         if shards is None:
-            n_shards = len(read_index_manifest(bundle_dir)["shards"])
-            shards = [ActorCalls(s) for s in get_shards(bundle.version, n_shards)]
+            manifest = read_index_manifest(bundle_dir)
+            self.layout = index_layout(manifest, layout, memory_mb)
+            if self.layout == "in_process":  # [3] the vectors pass through memory, not a network call
+                shards = [LocalCalls(s) for s in load_shards(bundle_dir, manifest)]
+            else:
+                shards = [ActorCalls(s) for s in get_shards(bundle.version, len(manifest["shards"]))]
         self.shards = list(shards)
 
     async def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(nq, D) queries -> scores and item indices (nq, k) over every shard, -1 where fewer than k exist."""
-        parts = await asyncio.gather(*[s.search(xq, k) for s in self.shards])  # [3] fan out to all shards
+        parts = await asyncio.gather(*[s.search(xq, k) for s in self.shards])  # [4] fan out to all shards
         return merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
 
     async def retrieve(self, req: RetrievalRequest) -> Candidates:
@@ -50,5 +59,6 @@ class Retrieval:
 
     async def health(self) -> dict[str, Any]:
         stats = await asyncio.gather(*[s.stats() for s in self.shards])
-        return {"version": self.version, "shards": len(stats), "items": sum(s["ntotal"] for s in stats),
+        return {"version": self.version, "layout": self.layout, "shards": len(stats),
+                "items": sum(s["ntotal"] for s in stats),
                 **self.core.stats()}

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
 
+from indexing.index_types import IndexSpec, empty_index
 from indexing.shards import FaissShard, shard_of
 from training import NAMESPACE
 from training.data.schemas import iso_utc_now
 from training.fit.bundle import load_bundle
 
 INDEX_MANIFEST = "index.json"
+INDEX_DIR = "index"  # the persisted shards, beside the bundle: index/shard-<i>.faiss
+LAYOUTS = ("auto", "in_process", "sharded")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class IndexConfig:
     # Per embedding actor. Fractional, and small enough that Ray Data's own 1-CPU tasks still fit on a 2-core node.
     embed_cpus: float = 0.25
     shard_cpus: float = 0.05  # shards idle between searches; a small reservation keeps them schedulable anywhere
+    ann: IndexSpec = field(default_factory=IndexSpec)  # the index type and its knobs (indexing/index_types.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,12 +46,27 @@ def shard_name(version: str, i: int) -> str:
     return f"{version}-shard-{i}"
 
 
-def create_shards(version: str, dim: int, cfg: IndexConfig) -> list[ray.actor.ActorHandle]:
-    """Fresh, empty shard actors for a version (any old ones of that name are killed first)."""
+def create_shards(version: str, dim: int, cfg: IndexConfig,
+                  template: bytes | None = None) -> list[ray.actor.ActorHandle]:
+    """Fresh, empty shard actors for a version (any old ones of that name are killed first), each of the configured
+    index type; `template` is the trained empty index the IVF types start from."""
     drop_shards(version)
     actor = ray.remote(FaissShard)
     return [actor.options(name=shard_name(version, i), namespace=NAMESPACE, lifetime="detached",
-                          num_cpus=cfg.shard_cpus).remote(dim) for i in range(cfg.n_shards)]
+                          num_cpus=cfg.shard_cpus).remote(dim, cfg.ann, template) for i in range(cfg.n_shards)]
+
+
+def training_template(bundle, spec: IndexSpec, dim: int, seed: int = 0) -> bytes | None:
+    """The trained empty index of an IVF type, learnt from the item vectors of a sample of the catalog (the item
+    tower runs here, on at most `spec.train_size` items); None for the types that need no training."""
+    if not spec.needs_training:
+        return None
+    f = bundle.item_features()  # row 0 = padding
+    rows = np.random.default_rng(seed).permutation(np.arange(1, len(f.item_idx)))[:spec.train_size]
+    with torch.inference_mode():
+        sample = bundle.two_tower().item_tower(*(torch.from_numpy(a[rows]) for a in (
+            f.item_idx, f.brand_idx, f.category_idx, f.price_bucket))).numpy()
+    return faiss.serialize_index(empty_index(spec, dim, sample)).tobytes()
 
 
 def get_shards(version: str, n_shards: int) -> list[ray.actor.ActorHandle]:
@@ -97,7 +117,7 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
     bundle = load_bundle(bundle_dir)
     t0 = time.perf_counter()
     dim = bundle.config["two_tower"]["dim"]
-    shards = create_shards(bundle.version, dim, cfg)
+    shards = create_shards(bundle.version, dim, cfg, training_template(bundle, cfg.ann, dim))
     # The catalog snapshot is one file of a few integer columns (8 MB per 1M items): read it here and hand it to Ray
     # Data, because read_parquet's file-listing task asks for a whole CPU and on a 2-core node waits forever behind
     # the embedding actors. The vectors, the bulk of the work, never pass through the driver.
@@ -109,10 +129,15 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
                                 size=cfg.embed_actors), num_cpus=cfg.embed_cpus)  # [1] the item tower on an actor pool
     routed = int(sum(row["count"] for row in counts.iter_rows()))
     stats = ray.get([s.stats.remote() for s in shards])
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0  # the re-embedding, the figure of items/s
     if routed != len(bundle.items) or sum(s["ntotal"] for s in stats) != len(bundle.items):
         raise RuntimeError(f"index {bundle.version}: {routed} vectors routed, shards hold "
                            f"{sum(s['ntotal'] for s in stats)}, catalog has {len(bundle.items)}")
+    folder = Path(bundle_dir).resolve() / INDEX_DIR
+    folder.mkdir(exist_ok=True)
+    # Each shard persists itself: a retrieval replica that holds the whole index in process loads these files.
+    digests = ray.get([s.save.remote(str(folder / f"shard-{i}.faiss")) for i, s in enumerate(shards)])
+    stats = [{**st, "file": f"{INDEX_DIR}/shard-{i}.faiss", "sha256": d} for i, (st, d) in enumerate(zip(stats, digests))]
     return write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg)
 
 
@@ -120,12 +145,41 @@ def write_index_manifest(bundle_dir: str | Path, version: str, dim: int, stats: 
                          cfg: IndexConfig) -> dict:
     """Records a built index beside its bundle (`index.json`): its shards with their counts, the build time."""
     n_items = sum(s["ntotal"] for s in stats)
-    manifest = {"version": version, "index_type": "exact inner product (faiss IndexFlatIP)", "dim": dim,
+    manifest = {"version": version, "index_type": cfg.ann.describe(), "ann": cfg.ann.to_dict(), "dim": dim,
                 "n_items": n_items, "shards": [{"name": shard_name(version, i), **s} for i, s in enumerate(stats)],
                 "build_seconds": seconds, "items_per_s": n_items / max(seconds, 1e-9),
                 "built_at": iso_utc_now(), "config": cfg.to_dict()}
     (Path(bundle_dir) / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def index_layout(manifest: dict, layout: str, memory_mb: float) -> str:
+    """Where a retrieval replica searches: "in_process" (it loads every persisted shard and searches in its own
+    memory, no network hop) or "sharded" (it fans out to the shard actors). "auto" picks in_process when the whole
+    index fits `memory_mb` and every shard was persisted, sharded otherwise."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"index layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    persisted = all("file" in s for s in manifest["shards"])
+    if layout == "in_process" and not persisted:
+        raise ValueError(f"index {manifest['version']}: in_process layout needs persisted shards; run `recsys index`")
+    if layout != "auto":
+        return layout
+    fits = sum(s["memory_bytes"] for s in manifest["shards"]) <= memory_mb * 2**20
+    return "in_process" if persisted and fits else "sharded"
+
+
+def load_shards(bundle_dir: str | Path, manifest: dict) -> list[FaissShard]:
+    """Every persisted shard of an index, in process; a file that is missing, changed or short is refused."""
+    shards = []
+    for s in manifest["shards"]:
+        path = Path(bundle_dir) / s["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"index shard {path}: missing; run `recsys index --bundle {bundle_dir}`")
+        shard = FaissShard.load(str(path), s["sha256"], IndexSpec(**manifest.get("ann", {})))
+        if shard.ntotal != s["ntotal"]:
+            raise ValueError(f"index shard {path}: holds {shard.ntotal} vectors, the manifest says {s['ntotal']}")
+        shards.append(shard)
+    return shards
 
 
 def read_index_manifest(bundle_dir: str | Path) -> dict:

@@ -8,23 +8,38 @@ The Ray actor that serves a ``FaissShard`` lives elsewhere in ``indexing/``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import faiss
 import numpy as np
+
+from indexing.index_types import IndexSpec, empty_index, search_params, stored_ids
 
 _NO_ID = -1  # faiss's id for "no result"
 
 
 class FaissShard:
-    """One shard of an item index: exact inner-product search over (id, vector) pairs
-    (faiss ``IndexIDMap2(IndexFlatIP)``; IDMap2 keeps the id -> row map so ids can be removed and re-added)."""
+    """One shard of an item index: inner-product search over (id, vector) pairs. Exact by default (faiss
+    ``IndexIDMap2(IndexFlatIP)``); any type of `indexing.index_types` when built from an `IndexSpec` and, for the IVF
+    types, a trained empty index that every shard of a version shares (`empty_index`)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, spec: IndexSpec = IndexSpec(), template: bytes | None = None) -> None:
+        """Args:
+            spec: the index type and its knobs. template: `faiss.serialize_index` of the trained empty index the
+                IVF types start from (the flat and HNSW types need none).
+        """
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.dim = int(dim)
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.dim, self.spec = int(dim), spec
+        if template is not None:
+            self.index = faiss.deserialize_index(np.frombuffer(template, dtype=np.uint8))
+        else:
+            self.index = empty_index(spec, self.dim)
+        search_params(self.index, spec)
+        self._present = np.zeros(0, dtype=bool)  # ids held, so HNSW (which cannot remove) adds new ids only
+        self._memory = (-1, 0)  # (ntotal, serialized bytes) of the last stats()
 
     def _check_vectors(self, x: np.ndarray, name: str) -> np.ndarray:
         if not isinstance(x, np.ndarray) or x.dtype != np.float32:
@@ -55,19 +70,46 @@ class FaissShard:
         if np.unique(ids).size != ids.size:
             raise ValueError("ids must be unique within one add call")
         if ids.size:
-            self.remove(ids)  # replace semantics: IndexIDMap2 would otherwise keep both copies
+            if self.spec.kind == "hnsw":
+                if self._holds(ids).any():
+                    raise ValueError("an hnsw shard cannot replace stored vectors (the graph has no removal); "
+                                     "rebuild the index or use flat or an ivf type")
+            else:
+                self.remove(ids)  # replace semantics: the index would otherwise keep both copies
             self.index.add_with_ids(xb, ids)
+            self._mark(ids, True)
         return self.ntotal
+
+    def _holds(self, ids: np.ndarray) -> np.ndarray:
+        if len(self._present) == 0:
+            return np.zeros(len(ids), dtype=bool)
+        inside = ids < len(self._present)
+        return inside & self._present[np.where(inside, ids, 0)]
+
+    def _mark(self, ids: np.ndarray, value: bool) -> None:
+        if ids.size and ids.max() >= len(self._present):
+            grown = np.zeros(max(int(ids.max()) + 1, 2 * len(self._present)), dtype=bool)
+            grown[:len(self._present)] = self._present
+            self._present = grown
+        self._present[ids] = value
 
     def remove(self, ids: np.ndarray) -> int:
         """Removes the given ids (absent ids are ignored) and returns how many were removed."""
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if ids.size == 0:
             return 0
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        if self.spec.kind == "hnsw":
+            raise ValueError("an hnsw shard cannot remove vectors; rebuild the index or use flat or an ivf type")
+        # IVF's hash-table direct map removes by an explicit id array; IDMap2 tests membership, which a batch (hash
+        # set) answers in O(1) where an array would scan.
+        selector = faiss.IDSelectorArray(ids.size, faiss.swig_ptr(ids)) if self.spec.needs_training \
+            else faiss.IDSelectorBatch(ids)
+        removed = int(self.index.remove_ids(selector))
+        self._mark(ids[ids >= 0], False)
+        return removed
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k by inner product.
+        """Top-k by inner product (exact for the flat type, approximate for the others).
 
         Args:
             xq: (nq, dim) float32 queries.
@@ -87,15 +129,32 @@ class FaissShard:
         D[I == _NO_ID] = -np.inf  # faiss pads inner-product results with -FLT_MAX; -inf can never win a merge
         return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
 
+    def save(self, path: str) -> str:
+        """Writes the index (vectors and ids) to `path`; returns the file's sha256."""
+        faiss.write_index(self.index, str(path))
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    @classmethod
+    def load(cls, path: str, sha256: str | None = None, spec: IndexSpec = IndexSpec()) -> "FaissShard":
+        """A shard read back from `save` (built from `spec`); with `sha256`, a file that does not match is refused."""
+        data = Path(path).read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError(f"index shard {path}: checksum does not match the index manifest")
+        shard = cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)).d, spec, data)
+        shard._mark(stored_ids(shard.index), True)
+        return shard
+
     @property
     def ntotal(self) -> int:
         """Number of stored vectors."""
         return int(self.index.ntotal)
 
     def stats(self) -> dict:
-        """``{"ntotal", "dim", "memory_bytes"}``; memory counts the float32 vectors and int64 ids, not faiss's
-        id -> row hash map."""
-        return {"ntotal": self.ntotal, "dim": self.dim, "memory_bytes": self.ntotal * (self.dim * 4 + 8)}
+        """``{"ntotal", "dim", "kind", "memory_bytes"}``; memory is the size of the index as FAISS serializes it
+        (codes, ids, quantizers, graph), read from the index itself."""
+        if self._memory[0] != self.ntotal:  # serializing costs a copy of the index: only after it changed
+            self._memory = (self.ntotal, int(faiss.serialize_index(self.index).size))
+        return {"ntotal": self.ntotal, "dim": self.dim, "kind": self.spec.kind, "memory_bytes": self._memory[1]}
 
 
 def shard_of(ids: np.ndarray, n_shards: int) -> np.ndarray:

@@ -7,7 +7,6 @@ import httpx
 import numpy as np
 import pytest
 import ray
-import torch
 
 pytestmark = pytest.mark.integration
 
@@ -186,3 +185,39 @@ def test_weights_change_live_without_failed_requests(tiny_stack):
         assert {a.json()["version"] for a in answers} == {"v2"}
     finally:
         deploy_ingress({"v1": 90.0, "v2": 10.0}, cfg.policy.to_dict(), cfg.serving)
+
+
+def test_in_process_and_sharded_index_layouts_give_the_same_candidates(tiny_stack):
+    """The live versions hold their small index in process (layout auto); a Retrieval deployment of the same bundle
+    that fans out to the shard actors instead returns the same candidates, for the seed and the multi-interest
+    model alike."""
+    from ray import serve
+
+    from deployments.retrieval import Retrieval
+    from deployments.store import STORE_NAME
+    from training import NAMESPACE
+    from training.data.schemas import read_shop
+    from training.request.contracts import RetrievalRequest
+
+    events = read_shop(tiny_stack["shop"]).events.to_pandas()
+    users = events.loc[events["action"] != "view", "user_id"].drop_duplicates().iloc[:8].tolist()
+    store = ray.get_actor(STORE_NAME, namespace=NAMESPACE)
+    states = ray.get([store.get.remote(u) for u in users])
+    context = {"country": None, "device": None, "page": "category", "category": "c1", "query": None}
+    for version, path in tiny_stack["bundles"].items():
+        live = serve.get_deployment_handle("Retrieval", f"recsys-{version}")
+        assert live.health.remote().result(timeout_s=60)["layout"] == "in_process"
+        name = f"layout-check-{version}"
+        app = Retrieval.options(name=name, num_replicas=1, autoscaling_config=None,
+                                ray_actor_options={"num_cpus": 0.05}).bind(str(path), 1, "sharded")
+        sharded = serve.run(app, name=name, route_prefix=None)
+        try:
+            assert sharded.health.remote().result(timeout_s=60)["layout"] == "sharded"
+            for state in states:
+                req = RetrievalRequest(state, context, 100)
+                a = live.retrieve.remote(req).result(timeout_s=60)
+                b = sharded.retrieve.remote(req).result(timeout_s=60)
+                assert a.item_idx.tolist() == b.item_idx.tolist() and a.reasons == b.reasons
+                np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+        finally:
+            serve.delete(name)

@@ -17,3 +17,17 @@ def test_config_unknown_keys_and_wrong_types_are_errors_naming_the_key(tmp_path)
     with pytest.raises(ValueError, match="max_brand_run"):
         load_config(tmp_path / "c.yaml")
     assert load_config("tiny").data.size == "tiny"
+
+
+def test_index_type_and_layout_come_from_the_config_and_bad_values_name_the_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("index: {n_shards: 3, ann: {kind: hnsw, ef_search: 200}}\nserving: {index_layout: sharded}\n")
+    cfg = load_config(p)
+    assert (cfg.index.n_shards, cfg.index.ann.kind, cfg.index.ann.ef_search) == (3, "hnsw", 200)
+    assert cfg.serving.index_layout == "sharded"
+    for text, field in (("index: {ann: {kind: nope}}", "config index.ann"),
+                        ("index: {ann: {nprobe: 0}}", "nprobe"),
+                        ("serving: {index_layout: nearby}", "index_layout")):
+        p.write_text(text)
+        with pytest.raises(ValueError, match=field):
+            load_config(p)

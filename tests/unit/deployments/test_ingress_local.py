@@ -52,7 +52,7 @@ def local_app(tmp_path_factory):
     write_index_manifest(path, "v1", V.shape[1], [s.stats() for s in shards], 0.0, IndexConfig())
     state = RecentActions()
     state.load_events(shop.events)
-    retrieval = Retrieval.bind(str(path), 1, [LocalCalls(s) for s in shards])
+    retrieval = Retrieval.bind(str(path), 1, shards=[LocalCalls(s) for s in shards])
     ranking = Ranking.bind(str(path), 1, False)  # @serve.batch needs a real replica: local mode scores one by one
     version = Version.bind(retrieval, ranking, str(path), "v1")
     user_config = {"versions": {"v1": 100}, "policy": {}, "candidates": 200,

@@ -93,7 +93,11 @@ def test_stats_report_count_dim_and_memory() -> None:
     shard = FaissShard(DIM)
     ids, xb = random_items(4, 6)
     shard.add(ids, xb)
-    assert shard.stats() == {"ntotal": 6, "dim": DIM, "memory_bytes": 6 * (DIM * 4 + 8)}
+    stats = shard.stats()
+    assert (stats["ntotal"], stats["dim"], stats["kind"]) == (6, DIM, "flat")
+    assert stats["memory_bytes"] >= 6 * (DIM * 4 + 8)  # vectors and ids, plus what FAISS stores beside them
+    shard.add(*random_items(5, 6))
+    assert shard.stats()["memory_bytes"] > stats["memory_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -152,3 +156,67 @@ def test_merge_rejects_mismatched_parts() -> None:
         merge_top_k([np.zeros((2, 3))], [np.zeros((2, 3)), np.zeros((2, 3))], 2)
     with pytest.raises(ValueError, match="nq"):
         merge_top_k([np.zeros((2, 3)), np.zeros((1, 3))], [np.zeros((2, 3)), np.zeros((1, 3))], 2)
+
+
+def test_a_saved_shard_loads_back_with_the_same_answers_and_a_changed_file_is_refused(tmp_path):
+    from indexing.embed import index_layout, load_shards
+
+    rng = np.random.default_rng(3)
+    shard = FaissShard(8)
+    ids = np.arange(1, 301)
+    shard.add(ids, rng.standard_normal((300, 8)).astype(np.float32))
+    digest = shard.save(str(tmp_path / "s.faiss"))
+    xq = rng.standard_normal((4, 8)).astype(np.float32)
+    back = FaissShard.load(str(tmp_path / "s.faiss"), digest)
+    for a, b in zip(shard.search(xq, 20), back.search(xq, 20)):
+        np.testing.assert_array_equal(a, b)
+    manifest = {"version": "v1", "shards": [{**shard.stats(), "file": "s.faiss", "sha256": digest}]}
+    assert load_shards(tmp_path, manifest)[0].ntotal == 300
+    data = bytearray((tmp_path / "s.faiss").read_bytes())
+    data[-5] ^= 0xFF
+    (tmp_path / "s.faiss").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        load_shards(tmp_path, manifest)
+    assert index_layout(manifest, "auto", memory_mb=1.0) == "in_process"  # 300 x 8 floats fit
+    assert index_layout(manifest, "auto", memory_mb=0.001) == "sharded"
+    assert index_layout({"version": "v1", "shards": [shard.stats()]}, "auto", 1.0) == "sharded"  # not persisted
+    with pytest.raises(ValueError, match="layout"):
+        index_layout(manifest, "nearby", 1.0)
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_sq8", "ivf_pq", "hnsw"])
+def test_every_approximate_type_finds_most_of_the_exact_top_k_and_survives_a_save(tmp_path, kind):
+    """Seeded clustered vectors (like item vectors: categories are clusters): each type's top 50 against exact
+    search, and a saved shard answers the same after loading."""
+    from indexing.index_types import IndexSpec, empty_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 32)).astype(np.float32)
+    xb = centres[rng.integers(0, 40, 8000)] + 0.3 * rng.standard_normal((8000, 32)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = xb[rng.integers(0, 8000, 50)] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
+    ids = np.arange(1, 8001)
+    exact = FaissShard(32)
+    exact.add(ids, xb)
+    spec = IndexSpec(kind=kind, nlist=64, nprobe=16, pq_m=8, ef_search=100)
+    template = faiss.serialize_index(empty_index(spec, 32, xb[:4000])).tobytes() if spec.needs_training else None
+    shard = FaissShard(32, spec, template)
+    shard.add(ids, xb)
+    _, want = exact.search(xq, 50)
+    _, got = shard.search(xq, 50)
+    recall = np.mean([len(set(g) & set(w)) / 50 for g, w in zip(got, want)])
+    assert recall >= (0.6 if kind == "ivf_pq" else 0.9), recall
+    digest = shard.save(str(tmp_path / "s.faiss"))
+    back = FaissShard.load(str(tmp_path / "s.faiss"), digest, spec)
+    np.testing.assert_array_equal(back.search(xq, 50)[1], got)
+    assert back.stats()["kind"] == kind and back.ntotal == 8000
+    if kind == "hnsw":
+        with pytest.raises(ValueError, match="hnsw"):
+            back.add(ids[:3], xb[:3])  # the graph cannot replace a vector
+        with pytest.raises(ValueError, match="hnsw"):
+            back.remove(ids[:3])
+    else:
+        back.remove(ids[:100])
+        assert back.ntotal == 7900 and not np.isin(back.search(xq, 50)[1], ids[:100]).any()
+        back.add(ids[:3], xb[:3])  # re-adding replaces, never duplicates
+        assert back.ntotal == 7903
