@@ -82,7 +82,7 @@ def _replay(args: argparse.Namespace) -> None:
                                        default=float))
 
 
-BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path")  # modules of bench/, each with main(argv)
+BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index")  # modules of bench/, each with main(argv)
 
 
 def _bench(args: argparse.Namespace) -> None:

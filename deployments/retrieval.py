@@ -12,7 +12,7 @@ from ray import serve
 
 from deployments.calls import ActorCalls, LocalCalls
 from indexing.embed import get_shards, index_layout, load_shards, read_index_manifest
-from indexing.shards import merge_top_k
+from indexing.shards import merge_top_k, pack_allowed
 from training.fit.bundle import load_bundle
 from training.request.contracts import Candidates, RetrievalRequest
 from training.request.retrieval import RetrievalCore
@@ -44,17 +44,21 @@ class Retrieval:
                 shards = [ActorCalls(s) for s in get_shards(bundle.version, len(manifest["shards"]))]
         self.shards = list(shards)
 
-    async def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(nq, D) queries -> scores and item indices (nq, k) over every shard, -1 where fewer than k exist."""
-        parts = await asyncio.gather(*[s.search(xq, k) for s in self.shards])  # [4] fan out to all shards
+    async def search(self, xq: np.ndarray, k: int,
+                     allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, D) queries -> scores and item indices (nq, k) over every shard, -1 where fewer than k exist;
+        `allowed` (a bool mask over item indices) filters inside each shard's search."""
+        packed = None if allowed is None else pack_allowed(allowed)
+        parts = await asyncio.gather(*[s.search(xq, k, packed) for s in self.shards])  # [4] fan out to all shards
         return merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
 
     async def retrieve(self, req: RetrievalRequest) -> Candidates:
         features = self.core.encode(req, time.time())
+        allowed = self.core.allowed(req)
         q = self.core.queries(features)
         if q is None:
-            return self.core.cold_start(features, req.k)
-        D, I = await self.search(q.xq, req.k)
+            return self.core.cold_start(features, req.k, allowed)
+        D, I = await self.search(q.xq, req.k, allowed)
         return self.core.merge(features, q, D, I, req.k)
 
     async def health(self) -> dict[str, Any]:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.data.schemas import ACTIONS
+from training.request.contracts import ItemFilter
 
 Action = Literal[ACTIONS]  # type: ignore[valid-type]
 Id = Field(min_length=1, max_length=128, pattern=r"^[^\s]+$")
@@ -21,6 +22,31 @@ class RequestContext(BaseModel):
     query: str | None = Field(None, max_length=256)
 
 
+Name = Field(min_length=1, max_length=128)
+MAX_FILTER_VALUES = 100  # a filter names at most this many brands or categories
+
+
+class RecommendFilters(BaseModel):
+    """Which items the request may get; applied inside the index search, so k matching items still come back."""
+    model_config = ConfigDict(extra="forbid")
+    categories: list[Annotated[str, Name]] = Field(default_factory=list, max_length=MAX_FILTER_VALUES)
+    brands: list[Annotated[str, Name]] = Field(default_factory=list, max_length=MAX_FILTER_VALUES)
+    exclude_brands: list[Annotated[str, Name]] = Field(default_factory=list, max_length=MAX_FILTER_VALUES)
+    in_stock: bool | None = None
+    price_min: float | None = Field(None, ge=0, allow_inf_nan=False)
+    price_max: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _price_range(self) -> "RecommendFilters":
+        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
+            raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
+        return self
+
+    def to_filter(self) -> ItemFilter:
+        return ItemFilter(tuple(self.categories), tuple(self.brands), tuple(self.exclude_brands), self.in_stock,
+                          self.price_min, self.price_max)
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: str = Id
@@ -29,6 +55,7 @@ class RecommendRequest(BaseModel):
     policy: dict[str, Any] | None = None  # overrides of the deployment's PolicyConfig for this request
     version: str | None = Field(None, max_length=40)  # force a live version instead of the weighted split
     request_id: str | None = Field(None, min_length=1, max_length=128)  # seeds exploration; the same id, the same draw
+    filters: RecommendFilters = Field(default_factory=RecommendFilters)
 
 
 class RecommendedItem(BaseModel):

@@ -108,12 +108,15 @@ class FaissShard:
         self._mark(ids[ids >= 0], False)
         return removed
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product (exact for the flat type, approximate for the others).
 
         Args:
             xq: (nq, dim) float32 queries.
             k: results per query (>= 1).
+            allowed: a filter applied inside the search, `pack_allowed` of a bool mask over ids; None admits every
+                id. An approximate type that finds fewer than k allowed items searches again exhaustively
+                (every IVF list, a k-wide HNSW beam), so a filter still yields k results when k exist.
 
         Returns:
             D (nq, k) float32 inner products, larger is better, and I (nq, k) int64 ids, best first; when the shard
@@ -125,9 +128,45 @@ class FaissShard:
         nq = xq.shape[0]
         if self.ntotal == 0 or nq == 0:
             return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), _NO_ID, dtype=np.int64)
-        D, I = self.index.search(xq, k)  # (nq, k) each
+        if allowed is None:
+            D, I = self.index.search(xq, k)  # (nq, k) each
+        else:
+            D, I = self._filtered(xq, k, allowed)
         D[I == _NO_ID] = -np.inf  # faiss pads inner-product results with -FLT_MAX; -inf can never win a merge
         return D.astype(np.float32, copy=False), I.astype(np.int64, copy=False)
+
+    def _filtered(self, xq: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        bitmap = np.ascontiguousarray(allowed, dtype=np.uint8)
+        selector = faiss.IDSelectorBitmap(len(bitmap) * 8, faiss.swig_ptr(bitmap))
+        D, I = self.index.search(xq, k, params=self._params(selector, k, wide=False))
+        if self.spec.kind != "flat" and (I == _NO_ID).any():  # the beam or the probed lists held too few
+            D, I = self.index.search(xq, k, params=self._params(selector, k, wide=True))
+        if self.spec.kind != "flat" and (I == _NO_ID).any():  # a very selective filter: score its few items
+            D, I = self._brute_force(xq, k, bitmap)
+        return D, I
+
+    def _brute_force(self, xq: np.ndarray, k: int, bitmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the allowed items this shard holds, scored from their stored (possibly compressed) vectors."""
+        bits = np.unpackbits(bitmap, bitorder="little")[:len(self._present)].astype(bool)
+        ids = np.flatnonzero(bits & self._present[:len(bits)]).astype(np.int64)
+        D = np.full((len(xq), k), -np.inf, dtype=np.float32)
+        I = np.full((len(xq), k), _NO_ID, dtype=np.int64)
+        if ids.size:
+            scores = xq @ self.index.reconstruct_batch(ids).T  # (nq, m)
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            D[:, :top.shape[1]] = np.take_along_axis(scores, top, axis=1)
+            I[:, :top.shape[1]] = ids[top]
+        return D, I
+
+    def _params(self, selector: faiss.IDSelector, k: int, wide: bool) -> faiss.SearchParameters:
+        spec = self.spec
+        if spec.needs_training:
+            nlist = faiss.extract_index_ivf(self.index).nlist
+            return faiss.SearchParametersIVF(sel=selector, nprobe=nlist if wide else spec.nprobe)
+        if spec.kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(spec.ef_search, 4 * k) if wide
+                                              else spec.ef_search)
+        return faiss.SearchParameters(sel=selector)
 
     def save(self, path: str) -> str:
         """Writes the index (vectors and ids) to `path`; returns the file's sha256."""
@@ -155,6 +194,12 @@ class FaissShard:
         if self._memory[0] != self.ntotal:  # serializing costs a copy of the index: only after it changed
             self._memory = (self.ntotal, int(faiss.serialize_index(self.index).size))
         return {"ntotal": self.ntotal, "dim": self.dim, "kind": self.spec.kind, "memory_bytes": self._memory[1]}
+
+
+def pack_allowed(mask: np.ndarray) -> np.ndarray:
+    """A bool mask over ids (mask[i] admits id i) as the bitmap FAISS's `IDSelectorBitmap` reads: bit i & 7 of byte
+    i >> 3. One bit per item: 125 KB for a million items, sent once per request to each shard."""
+    return np.packbits(np.asarray(mask, dtype=bool), bitorder="little")
 
 
 def shard_of(ids: np.ndarray, n_shards: int) -> np.ndarray:

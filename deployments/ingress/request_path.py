@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from deployments.ingress.routing import VersionStages
 from deployments.store import StoreClient
-from training.request.contracts import RankedList, RankRequest, RetrievalRequest, UserState
+from training.request.contracts import ItemFilter, RankedList, RankRequest, RetrievalRequest, UserState
 from training.request.policy import apply_policy, request_rng
 from training.request.policy_config import PolicyConfig
 
@@ -36,7 +36,8 @@ def _ms(t0: float) -> float:
 
 
 async def answer(user_id: str, context: dict, k: int, stages: VersionStages, store: StoreClient,
-                 policy: PolicyConfig, request_id: str, candidates: int) -> Answer:
+                 policy: PolicyConfig, request_id: str, candidates: int,
+                 item_filter: ItemFilter = ItemFilter()) -> Answer:
     """Runs one request through the stages of its version.
 
     Args:
@@ -44,11 +45,12 @@ async def answer(user_id: str, context: dict, k: int, stages: VersionStages, sto
         policy: the request's policy (surface preset and overrides applied); its `sponsored_items` are ranked with
             the candidates so the policy can place them.
         candidates: how many items retrieval hands to ranking.
+        item_filter: the request's filters, applied inside the index search.
     """
     t0 = time.perf_counter()
     state = await store.get(user_id)
     t1 = time.perf_counter()
-    found = await stages.retrieval.retrieve.remote(RetrievalRequest(state, context, candidates))
+    found = await stages.retrieval.retrieve.remote(RetrievalRequest(state, context, candidates, item_filter))
     t2 = time.perf_counter()
     ranked = await stages.ranking.rank.remote(
         RankRequest(found, max(RANKED_PER_K * k, MIN_RANKED), tuple(policy.sponsored_items)))

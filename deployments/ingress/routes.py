@@ -97,7 +97,7 @@ class Ingress:
         version = req.version or choose_version(req.user_id, self.weights)
         try:
             out = await answer(req.user_id, req.context.model_dump(), req.k, self.stages[version], self.store, policy,
-                               request_id, self.candidates)
+                               request_id, self.candidates, req.filters.to_filter())
         except Exception as e:  # a failing stage answers with a clear error, never a hang or a crash
             raise HTTPException(503, f"version {version} could not answer: {type(e).__name__}: {e}") from e
         final = out.final

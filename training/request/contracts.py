@@ -13,12 +13,28 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class ItemFilter:
+    """Which items a request may get, applied inside the index search (empty fields admit everything)."""
+
+    categories: tuple[str, ...] = ()  # any of these categories
+    brands: tuple[str, ...] = ()  # any of these brands
+    exclude_brands: tuple[str, ...] = ()  # none of these brands
+    in_stock: bool | None = None  # True: only in stock; False: only out of stock
+    price_min: float | None = None
+    price_max: float | None = None
+
+    def is_empty(self) -> bool:
+        return self == ItemFilter()
+
+
+@dataclass(frozen=True)
 class RetrievalRequest:
     """One user's state from the online store and the request context, for a version's retrieval."""
 
     history: dict[str, Any]  # {"items", "actions", "timestamps"} oldest first (the online store's state)
     context: dict[str, Any]  # country, device, page, category, query; any may be None
     k: int  # candidates wanted
+    filter: ItemFilter = field(default_factory=ItemFilter)
 
 
 @dataclass(frozen=True)

@@ -6,32 +6,27 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from training.data.features import USER_INPUTS, FeatureSpace
 from training.models.ranker import score_candidates
 from training.request.contracts import RankedList, RankRequest
+from training.request.forward import ForwardIndex
 
 
 class RankingCore:
     """One version's ranker and the catalog attributes its ranked lists carry."""
 
-    def __init__(self, model: torch.nn.Module, space: FeatureSpace, items: Any) -> None:
+    def __init__(self, model: torch.nn.Module, space: FeatureSpace, forward: ForwardIndex) -> None:
         """Args:
             model: the bundle's ranker (eval mode); space: its feature space.
-            items: the bundle's `items.parquet` table (row i = item index i + 1).
+            forward: the version's item attributes, which the ranked lists carry to the policy.
         """
-        self.model, self.space = model, space
-        self.item_ids = np.asarray(items.column("item_id").to_pylist(), dtype=object)
-        self.brands = np.asarray(items.column("brand").to_pylist(), dtype=object)
-        self.categories = np.asarray(items.column("category").to_pylist(), dtype=object)
-        self.created_s = pc.cast(items.column("created_at"), "int64").to_numpy() / 1000.0
-        self.in_stock = items.column("in_stock").to_numpy(zero_copy_only=False)
+        self.model, self.space, self.forward = model, space, forward
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> "RankingCore":
-        return cls(bundle.ranker(), bundle.space, bundle.items)
+        return cls(bundle.ranker(), bundle.space, ForwardIndex(bundle.items))
 
     @torch.inference_mode()
     def rank(self, requests: Sequence[RankRequest]) -> list[RankedList]:
@@ -54,7 +49,7 @@ class RankingCore:
         order = np.argsort(-scores, kind="stable")
         # The best n_out, and every pinned item wherever it ranks (they sit after the retrieved candidates).
         order = order[(np.arange(len(order)) < req.n_out) | (order >= len(req.candidates.item_idx))]
-        rows = item_idx[order] - 1  # item index -> row of items.parquet
-        return RankedList(self.item_ids[rows].tolist(), scores[order].astype(np.float32),
-                          self.brands[rows].tolist(), self.categories[rows].tolist(), [reasons[i] for i in order],
-                          created_at=self.created_s[rows], in_stock=self.in_stock[rows])
+        idx, f = item_idx[order], self.forward
+        return RankedList(f.item_ids[idx].tolist(), scores[order].astype(np.float32), f.brands[idx].tolist(),
+                          f.categories[idx].tolist(), [reasons[i] for i in order], created_at=f.created_s[idx],
+                          in_stock=f.in_stock[idx])

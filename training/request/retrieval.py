@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from training.data.features import USER_INPUTS, FeatureSpace
 from training.request.contracts import Candidates, RetrievalRequest
 from training.request.features import request_features
+from training.request.forward import ForwardIndex
 from training.request.interests import (ConditionConfig, InterestQueries, category_query_buckets, merge_queries,
                                         user_queries)
 
@@ -59,12 +59,13 @@ class RetrievalCore:
     """One version's request-time retrieval: `queries(request)`, then the caller's search, then `merge`."""
 
     def __init__(self, model: torch.nn.Module, space: FeatureSpace, item_category: np.ndarray,
-                 popularity: np.ndarray, created_ms: np.ndarray, model_name: str,
+                 popularity: np.ndarray, forward: ForwardIndex, model_name: str,
                  conditions: ConditionConfig = ConditionConfig(), cache_size: int = 10_000) -> None:
         """Args:
             model: the bundle's retrieval model (eval mode).
             item_category: (n_items + 1,) category index per item index.
-            popularity, created_ms: (n_items,) per bundle item (row i = item index i + 1), for cold start.
+            popularity: (n_items,) per bundle item (row i = item index i + 1), for cold start.
+            forward: the version's item attributes: request filters and the newest items for cold start.
             model_name: the registry name the version was trained with; `MULTI_INTEREST` picks the multi-query path.
             conditions: the multi-interest model's explicit-condition settings (ignored otherwise).
         """
@@ -76,9 +77,9 @@ class RetrievalCore:
         self.conditions = conditions
         self.categories = list(space.categories)
         self.query_category = category_query_buckets(self.categories)
-        self.popular = np.argsort(-popularity, kind="stable")[:COLD_START_EACH] + 1  # item indices
-        newest = np.argsort(-created_ms, kind="stable") + 1
-        self.new = newest[~np.isin(newest, self.popular)][:COLD_START_EACH]
+        self.forward = forward
+        self.by_popularity = np.argsort(-popularity, kind="stable") + 1  # item indices, most popular first
+        self.newest = np.argsort(-forward.created_s[1:], kind="stable") + 1
         self.cache = QueryCache(cache_size)
 
     @classmethod
@@ -86,9 +87,12 @@ class RetrievalCore:
         """The core of a `training.fit.bundle.Bundle` (its retrieval model, items and recorded settings)."""
         retrieval = bundle.config.get("retrieval", {})
         return cls(bundle.two_tower(), bundle.space, bundle.item_features().category_idx,
-                   bundle.items.column("popularity").to_numpy(),
-                   pc.cast(bundle.items.column("created_at"), "int64").to_numpy(),
+                   bundle.items.column("popularity").to_numpy(), ForwardIndex(bundle.items),
                    retrieval.get("model", ""), ConditionConfig.from_dict(retrieval.get("conditions")))
+
+    def allowed(self, req: RetrievalRequest) -> np.ndarray | None:
+        """(n_items + 1,) bool mask of the items the request's filter admits; None when it admits everything."""
+        return self.forward.allowed(req.filter)
 
     def encode(self, req: RetrievalRequest, now_s: float) -> dict[str, np.ndarray]:
         return request_features(self.space, req.history, req.context, now_s)
@@ -119,10 +123,16 @@ class RetrievalCore:
             idx, scores, reasons = I[0][keep], D[0][keep], ["retrieval"] * int(keep.sum())
         return Candidates(features, idx.astype(np.int64), scores.astype(np.float32), tuple(reasons))
 
-    def cold_start(self, features: dict[str, np.ndarray], k: int) -> Candidates:
-        """Popular items, then new ones, for a user with no engagement."""
-        idx = np.concatenate([self.popular, self.new])[:k]
-        reasons = (["cold_start:popular"] * len(self.popular) + ["cold_start:new"] * len(self.new))[:k]
+    def cold_start(self, features: dict[str, np.ndarray], k: int, allowed: np.ndarray | None = None) -> Candidates:
+        """Popular items, then new ones (up to COLD_START_EACH of each, within the filter), for a user with no
+        engagement."""
+        popular, newest = self.by_popularity, self.newest
+        if allowed is not None:
+            popular, newest = popular[allowed[popular]], newest[allowed[newest]]
+        popular = popular[:COLD_START_EACH]
+        new = newest[~np.isin(newest, popular)][:COLD_START_EACH]
+        idx = np.concatenate([popular, new])[:k]
+        reasons = (["cold_start:popular"] * len(popular) + ["cold_start:new"] * len(new))[:k]
         return Candidates(features, idx.astype(np.int64), np.zeros(len(idx), np.float32), tuple(reasons),
                           cold_start=True)
 

@@ -126,3 +126,29 @@ def test_versions_and_health_describe_the_live_version(local_app):
     assert [(v.version, v.weight) for v in versions] == [("v1", 100.0)]
     health = local_app["handle"].healthz.remote().result()
     assert health.status_code == 200
+
+
+def test_filters_hold_inside_retrieval_and_still_fill_the_list(local_app):
+    catalog = local_app["shop"].catalog.to_pandas()
+    category = catalog["category"].value_counts().index[3]  # a smaller category: few of the user's candidates
+    cheap = float(catalog["price"].quantile(0.3))
+    out = recommend(local_app, user_id=local_app["user"], k=20,
+                    filters={"categories": [category], "price_max": cheap, "exclude_brands": ["b1"]})
+    shown = catalog.set_index("item_id").loc[[i.item_id for i in out.items]]
+    matching = catalog[(catalog["category"] == category) & (catalog["price"] <= cheap) & (catalog["brand"] != "b1")]
+    assert len(out.items) == min(20, len(matching)) > 0
+    assert (shown["category"] == category).all() and (shown["price"] <= cheap).all()
+    assert (shown["brand"] != "b1").all()
+    cold = recommend(local_app, user_id="someone-new", k=10, filters={"categories": [category]})
+    assert cold.cold_start and {i.category for i in cold.items} == {category}
+
+
+def test_bad_filters_are_refused_naming_the_field():
+    from pydantic import ValidationError
+
+    for filters, field in (({"price_min": 5, "price_max": 1}, "price_min"), ({"categories": ["c"] * 101}, "categories"),
+                           ({"brands": [""]}, "brands"), ({"in_stok": True}, "in_stok"),
+                           ({"price_max": float("nan")}, "price_max")):
+        with pytest.raises(ValidationError) as e:
+            RecommendRequest(user_id="u1", filters=filters)
+        assert field in str(e.value)

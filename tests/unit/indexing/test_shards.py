@@ -220,3 +220,31 @@ def test_every_approximate_type_finds_most_of_the_exact_top_k_and_survives_a_sav
         assert back.ntotal == 7900 and not np.isin(back.search(xq, 50)[1], ids[:100]).any()
         back.add(ids[:3], xb[:3])  # re-adding replaces, never duplicates
         assert back.ntotal == 7903
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
+def test_a_filtered_search_returns_only_allowed_items_and_k_of_them_when_k_exist(kind):
+    from indexing.index_types import IndexSpec, empty_index
+    from indexing.shards import pack_allowed
+
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((3000, 16)).astype(np.float32)
+    ids = np.arange(1, 3001)
+    spec = IndexSpec(kind=kind, nlist=32, nprobe=2, ef_search=40)
+    template = faiss.serialize_index(empty_index(spec, 16, xb)).tobytes() if spec.needs_training else None
+    shard, exact = FaissShard(16, spec, template), FaissShard(16)
+    shard.add(ids, xb)
+    exact.add(ids, xb)
+    mask = np.zeros(3001, dtype=bool)
+    mask[rng.choice(ids, 60, replace=False)] = True  # 2% of the items: few lists and a narrow beam hold k of them
+    xq = rng.standard_normal((5, 16)).astype(np.float32)
+    D, I = shard.search(xq, 50, pack_allowed(mask))
+    assert (I >= 0).all() and mask[I].all()  # 50 results, every one allowed
+    brute = np.argsort(-(xq @ xb[mask[1:]].T), axis=1)[:, :50]
+    want = ids[mask[1:]][brute]
+    recall = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(I, want)])
+    assert recall >= (1.0 if kind == "flat" else 0.9)
+    few = np.zeros(3001, dtype=bool)
+    few[[7, 8, 9]] = True
+    _, I = shard.search(xq[:1], 10, pack_allowed(few))
+    assert sorted(I[0][I[0] >= 0].tolist()) == [7, 8, 9] and (I[0][3:] == -1).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from training.fit.offline_metrics import item_vectors
 from training.models.multi_interest import MultiInterestConfig, MultiInterestModel
 from training.request.interests import (ConditionConfig, category_query_buckets, explicit_conditions, interest_queries,
                                         interest_quotas, merge_interests, merge_queries, relevant)
+from training.request.forward import ForwardIndex
 from training.request.retrieval import QueryCache, RetrievalCore
 
 
@@ -118,7 +120,10 @@ def test_serving_path_over_faiss_shards_equals_the_exact_merge():
                 "hist_ages": np.full((1, 9), 3), "context": ctx}
     names = ["c1", "c2", "c3"]
     space = FeatureSpace([f"i{j}" for j in range(1, 41)], ["b1", "b2"], names, ["DE"], ["app"], ["home"], [1.0])
-    core = RetrievalCore(model, space, item_category, np.arange(40.0), np.arange(40), "multi_interest")
+    items = pa.table({"item_id": space.item_ids, "brand": ["b1"] * 40, "category": [names[c - 1] for c in item_category[1:]],
+                      "price": np.ones(40), "in_stock": np.ones(40, bool),
+                      "created_at": pa.array(np.arange(40) * 1000, pa.timestamp("ms", tz="UTC"))})
+    core = RetrievalCore(model, space, item_category, np.arange(40.0), ForwardIndex(items), "multi_interest")
     q_serving = core.queries(features)
     found = core.merge(features, q_serving, *asyncio.run(search(q_serving.xq, 12)), 12)
     items, scores, reasons = found.item_idx, found.scores, list(found.reasons)
