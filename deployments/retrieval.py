@@ -3,6 +3,8 @@ fan-out to the version's index shards, one search call per shard for all of a re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from typing import Any, Sequence
 
@@ -16,6 +18,9 @@ from indexing.shards import merge_top_k, pack_allowed
 from training.fit.bundle import load_bundle
 from training.request.contracts import Candidates, RetrievalRequest
 from training.request.retrieval import RetrievalCore
+
+logger = logging.getLogger("ray.serve")
+SHARD_TIMEOUT_S = 2.0  # a shard slower than this is left out of the answer (marked partial), never waited for
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=8,
@@ -45,12 +50,21 @@ class Retrieval:
         self.shards = list(shards)
 
     async def search(self, xq: np.ndarray, k: int,
-                     allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(nq, D) queries -> scores and item indices (nq, k) over every shard, -1 where fewer than k exist;
-        `allowed` (a bool mask over item indices) filters inside each shard's search."""
+                     allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(nq, D) queries -> scores and item indices (nq, k) over every shard that answers within
+        SHARD_TIMEOUT_S, -1 where fewer than k exist, and whether a shard was missing; `allowed` (a bool mask over
+        item indices) filters inside each shard's search. With no shard answering, the error is raised."""
         packed = None if allowed is None else pack_allowed(allowed)
-        parts = await asyncio.gather(*[s.search(xq, k, packed) for s in self.shards])  # [4] fan out to all shards
-        return merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
+        parts = await asyncio.gather(*[asyncio.wait_for(s.search(xq, k, packed), SHARD_TIMEOUT_S)
+                                       for s in self.shards], return_exceptions=True)  # [4] fan out to all shards
+        ok = [p for p in parts if not isinstance(p, BaseException)]
+        if not ok:
+            raise next(p for p in parts if isinstance(p, BaseException))
+        if len(ok) < len(parts):
+            logger.warning(f"{self.version}: {len(parts) - len(ok)} of {len(parts)} index shards did not answer; "
+                           "serving the others' candidates")
+        D, I = merge_top_k([p[0] for p in ok], [p[1] for p in ok], k)
+        return D, I, len(ok) < len(parts)
 
     async def retrieve(self, req: RetrievalRequest) -> Candidates:
         features = self.core.encode(req, time.time())
@@ -58,8 +72,19 @@ class Retrieval:
         q = self.core.queries(features)
         if q is None:
             return self.core.cold_start(features, req.k, allowed)
-        D, I = await self.search(q.xq, req.k, allowed)
-        return self.core.merge(features, q, D, I, req.k)
+        D, I, partial = await self.search(q.xq, req.k, allowed)
+        found = self.core.merge(features, q, D, I, req.k)
+        return dataclasses.replace(found, partial=True) if partial else found
+
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose index is unusable: in process, shards that lost vectors; sharded, no shard
+        answering (one shard down still serves partial answers, and Ray restarts the shard actor)."""
+        stats = await asyncio.gather(*[asyncio.wait_for(s.stats(), SHARD_TIMEOUT_S) for s in self.shards],
+                                     return_exceptions=True)
+        if all(isinstance(s, BaseException) for s in stats):
+            raise RuntimeError(f"{self.version}: no index shard answers: {stats[0]!r}")
+        if self.layout == "in_process" and any(s["ntotal"] == 0 for s in stats):
+            raise RuntimeError(f"{self.version}: an in-process shard holds no vectors")
 
     async def health(self) -> dict[str, Any]:
         stats = await asyncio.gather(*[s.stats() for s in self.shards])

@@ -71,6 +71,7 @@ class RecommendResponse(BaseModel):
     request_id: str | None = None  # send it back to reproduce this answer's exploration
     version: str
     cold_start: bool
+    partial: bool = False  # an index shard did not answer in time: the items come from the other shards
     items: list[RecommendedItem]
     timings_ms: dict[str, float]
 

@@ -7,7 +7,9 @@ vectors straight to the shard actors, so no vector passes through the driver. Sh
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,14 +19,14 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from indexing.index_types import IndexSpec, empty_index
+from indexing.index_types import IndexSpec, empty_index, stored_ids
 from indexing.shards import FaissShard, shard_of
 from training import NAMESPACE
 from training.data.schemas import iso_utc_now
 from training.fit.bundle import load_bundle
 
 INDEX_MANIFEST = "index.json"
-INDEX_DIR = "index"  # the persisted shards, beside the bundle: index/shard-<i>.faiss
+INDEX_DIR = "index"  # the persisted shards, beside the bundle: index/<build>/shard-<i>.faiss
 LAYOUTS = ("auto", "in_process", "sharded")
 
 
@@ -46,14 +48,34 @@ def shard_name(version: str, i: int) -> str:
     return f"{version}-shard-{i}"
 
 
-def create_shards(version: str, dim: int, cfg: IndexConfig,
+class ShardActor(FaissShard):
+    """A shard that survives its process: Ray restarts a crashed shard actor with the same constructor arguments,
+    and the constructor reloads the shard's persisted file when it exists, so it comes back with every vector it
+    had saved (a shard dies with what it held before its first `persist` only during its build, which then fails its
+    count check instead of serving a partial index)."""
+
+    def __init__(self, dim: int, spec: IndexSpec, template: bytes | None, path: str) -> None:
+        self.path = path
+        saved = Path(path).read_bytes() if Path(path).is_file() else None
+        super().__init__(dim, spec, saved or template)
+        if saved is not None:
+            self._mark(stored_ids(self.index), True)
+
+    def persist(self) -> str:
+        """Writes the shard to its file; returns the file's sha256."""
+        return self.save(self.path)
+
+
+def create_shards(version: str, dim: int, cfg: IndexConfig, folder: Path,
                   template: bytes | None = None) -> list[ray.actor.ActorHandle]:
     """Fresh, empty shard actors for a version (any old ones of that name are killed first), each of the configured
-    index type; `template` is the trained empty index the IVF types start from."""
+    index type and persisting to `folder/shard-<i>.faiss`; `template` is the trained empty index of the IVF types.
+    They restart after a crash (reloading their file) and a call that hit a restarting shard is retried once."""
     drop_shards(version)
-    actor = ray.remote(FaissShard)
+    actor = ray.remote(ShardActor)
     return [actor.options(name=shard_name(version, i), namespace=NAMESPACE, lifetime="detached",
-                          num_cpus=cfg.shard_cpus).remote(dim, cfg.ann, template) for i in range(cfg.n_shards)]
+                          num_cpus=cfg.shard_cpus, max_restarts=-1, max_task_retries=1).remote(
+        dim, cfg.ann, template, str(folder / f"shard-{i}.faiss")) for i in range(cfg.n_shards)]
 
 
 def training_template(bundle, spec: IndexSpec, dim: int, seed: int = 0) -> bytes | None:
@@ -117,7 +139,12 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
     bundle = load_bundle(bundle_dir)
     t0 = time.perf_counter()
     dim = bundle.config["two_tower"]["dim"]
-    shards = create_shards(bundle.version, dim, cfg, training_template(bundle, cfg.ann, dim))
+    # Each build persists into a folder of its own, so a rebuild never reloads or overwrites the files the index
+    # being replaced was served from; the manifest names the folder, older ones are removed once it is written.
+    build = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    folder = Path(bundle_dir).resolve() / INDEX_DIR / build
+    folder.mkdir(parents=True)
+    shards = create_shards(bundle.version, dim, cfg, folder, training_template(bundle, cfg.ann, dim))
     # The catalog snapshot is one file of a few integer columns (8 MB per 1M items): read it here and hand it to Ray
     # Data, because read_parquet's file-listing task asks for a whole CPU and on a 2-core node waits forever behind
     # the embedding actors. The vectors, the bulk of the work, never pass through the driver.
@@ -133,12 +160,16 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
     if routed != len(bundle.items) or sum(s["ntotal"] for s in stats) != len(bundle.items):
         raise RuntimeError(f"index {bundle.version}: {routed} vectors routed, shards hold "
                            f"{sum(s['ntotal'] for s in stats)}, catalog has {len(bundle.items)}")
-    folder = Path(bundle_dir).resolve() / INDEX_DIR
-    folder.mkdir(exist_ok=True)
-    # Each shard persists itself: a retrieval replica that holds the whole index in process loads these files.
-    digests = ray.get([s.save.remote(str(folder / f"shard-{i}.faiss")) for i, s in enumerate(shards)])
-    stats = [{**st, "file": f"{INDEX_DIR}/shard-{i}.faiss", "sha256": d} for i, (st, d) in enumerate(zip(stats, digests))]
-    return write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg)
+    # Each shard persists itself: a retrieval replica that holds the whole index in process loads these files, and
+    # a restarted shard actor reloads its own.
+    digests = ray.get([s.persist.remote() for s in shards])
+    stats = [{**st, "file": f"{INDEX_DIR}/{build}/shard-{i}.faiss", "sha256": d}
+             for i, (st, d) in enumerate(zip(stats, digests))]
+    manifest = write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg)
+    for old in (Path(bundle_dir).resolve() / INDEX_DIR).iterdir():
+        if old.is_dir() and old.name != build:
+            shutil.rmtree(old, ignore_errors=True)
+    return manifest
 
 
 def write_index_manifest(bundle_dir: str | Path, version: str, dim: int, stats: list[dict], seconds: float,

@@ -27,6 +27,7 @@ class Answer:
 
     final: RankedList
     cold_start: bool
+    partial: bool  # an index shard did not answer: retrieval served the other shards' candidates
     now: float  # unix seconds the policy judged recency and novelty by
     timings_ms: dict[str, float]
 
@@ -60,4 +61,4 @@ async def answer(user_id: str, context: dict, k: int, stages: VersionStages, sto
     final = apply_policy(ranked, UserState(state["bought_at"], now), policy, rng)
     timings = {"features": (t1 - t0) * 1000.0, "retrieval": (t2 - t1) * 1000.0, "ranking": (t3 - t2) * 1000.0,
                "policy": _ms(t3)}
-    return Answer(final, found.cold_start, now, timings)
+    return Answer(final, found.cold_start, found.partial, now, timings)

@@ -108,7 +108,7 @@ class Ingress:
                  for i in range(min(req.k, len(final)))]
         timings = {**out.timings_ms, "total": (time.perf_counter() - t0) * 1000.0}
         return RecommendResponse(user_id=req.user_id, request_id=request_id, version=version,
-                                 cold_start=out.cold_start, items=items,
+                                 cold_start=out.cold_start, partial=out.partial, items=items,
                                  timings_ms={k: round(v, 3) for k, v in timings.items()})
 
     @app.get("/admin/policy", response_model=PolicyStateResponse)

@@ -221,3 +221,25 @@ def test_in_process_and_sharded_index_layouts_give_the_same_candidates(tiny_stac
                 np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
         finally:
             serve.delete(name)
+
+
+def test_a_killed_shard_actor_comes_back_with_every_vector_it_had(tiny_stack):
+    """Ray restarts the shard actor and it reloads its persisted file: the same count and the same answers."""
+    import time
+
+    from indexing.embed import get_shards
+
+    shard = get_shards("v1", 2)[0]
+    before = ray.get(shard.stats.remote())
+    xq = np.random.default_rng(0).standard_normal((3, before["dim"])).astype(np.float32)
+    want = ray.get(shard.search.remote(xq, 20))[1]
+    ray.kill(shard, no_restart=False)
+    deadline, after = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        try:
+            after = ray.get(shard.stats.remote(), timeout=10)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)
+    assert after is not None and after["ntotal"] == before["ntotal"] > 0
+    np.testing.assert_array_equal(ray.get(shard.search.remote(xq, 20))[1], want)

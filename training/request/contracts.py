@@ -46,6 +46,7 @@ class Candidates:
     scores: np.ndarray  # (m,) float32 retrieval scores
     reasons: tuple[str, ...]  # (m,) "retrieval", "interest:<i>", "condition:category=<c>", "cold_start:*"
     cold_start: bool = False  # no engagement to build a user vector from: popular and new items
+    partial: bool = False  # an index shard did not answer: the candidates come from the others
 
     def __post_init__(self) -> None:
         if not (len(self.item_idx) == len(self.scores) == len(self.reasons)):

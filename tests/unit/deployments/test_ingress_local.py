@@ -61,7 +61,7 @@ def local_app(tmp_path_factory):
         local_store(state), PolicyRegistry(), {"v1": {"retrieval": retrieval, "ranking": ranking, "version": version}})
     handle = serve.run(app, _local_testing_mode=True)
     engaged = [u for u in shop.events.column("user_id").to_pylist()[:200] if state.get(u)["items"]]
-    return {"handle": handle, "shop": shop, "user": engaged[0]}
+    return {"handle": handle, "shop": shop, "user": engaged[0], "shards": shards, "bundle": str(path), "state": state}
 
 
 def recommend(app, **body):
@@ -152,3 +152,31 @@ def test_bad_filters_are_refused_naming_the_field():
         with pytest.raises(ValidationError) as e:
             RecommendRequest(user_id="u1", filters=filters)
         assert field in str(e.value)
+
+
+def test_a_shard_that_fails_leaves_a_partial_answer_from_the_others_and_none_answering_is_an_error(local_app):
+    import asyncio
+
+    from training.request.contracts import RetrievalRequest
+
+    class DeadShard:
+        def search(self, xq, k, allowed=None):
+            raise ConnectionError("shard process gone")
+
+        def stats(self):
+            raise ConnectionError("shard process gone")
+
+    good = local_app["shards"][0]
+    retrieval = Retrieval.func_or_class(local_app["bundle"], 1, shards=[LocalCalls(good), LocalCalls(DeadShard())])
+    state = local_app["state"].get(local_app["user"])
+    found = asyncio.run(retrieval.retrieve(RetrievalRequest(state, {}, 50)))
+    assert found.partial and len(found.item_idx) == 50
+    from indexing.index_types import stored_ids
+
+    assert set(found.item_idx.tolist()) <= set(stored_ids(good.index).tolist())  # all from the shard that answered
+    asyncio.run(retrieval.check_health())  # one shard left: still healthy, answers are partial
+    dead = Retrieval.func_or_class(local_app["bundle"], 1, shards=[LocalCalls(DeadShard())] * 2)
+    with pytest.raises(ConnectionError):
+        asyncio.run(dead.retrieve(RetrievalRequest(state, {}, 50)))
+    with pytest.raises(RuntimeError, match="no index shard"):
+        asyncio.run(dead.check_health())
