@@ -19,7 +19,8 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs s
 
 
 def start_serve(cfg: ServingConfig) -> None:
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=QUIET)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},
+                logging_config=QUIET)
 
 
 def deploy_version(bundle_dir: str | Path, cfg: ServingConfig) -> str:

@@ -25,6 +25,8 @@ class ServingConfig:
     # fits index_memory_mb (1M items x 64 float32 is 256 MB), and fans out to the shard actors beyond that.
     index_layout: str = "auto"
     index_memory_mb: float = 1024.0
+    request_timeout_s: float = 10.0  # the HTTP proxy answers 408 past this: no request waits forever
+    stage_timeout_s: float = 5.0  # each call from the ingress to a stage (online store, retrieval, ranking)
 
     def __post_init__(self) -> None:
         if self.index_layout not in LAYOUTS:
@@ -55,7 +57,8 @@ def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None,
     `admin_token_sha256` (hex sha256 of the admin bearer token) enables `/admin/policy`; without it the ingress reads
     the token from RECSYS_ADMIN_TOKEN, and with neither the admin endpoint refuses every call.
     """
-    user_config = {"versions": dict(versions), "policy": dict(policy or {}), "candidates": cfg.candidates}
+    user_config = {"versions": dict(versions), "policy": dict(policy or {}), "candidates": cfg.candidates,
+                   "stage_timeout_s": cfg.stage_timeout_s}
     if admin_token_sha256:
         user_config["admin_token_sha256"] = admin_token_sha256
     return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},

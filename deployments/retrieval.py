@@ -23,7 +23,7 @@ logger = logging.getLogger("ray.serve")
 SHARD_TIMEOUT_S = 2.0  # a shard slower than this is left out of the answer (marked partial), never waited for
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=8,
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=8, max_queued_requests=16,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4})
 class Retrieval:
     """User queries at request time, fan-out to every index shard of the version, one merge to the candidates."""

@@ -11,7 +11,7 @@ from ray.serve.handle import DeploymentHandle
 from indexing.embed import read_index_manifest
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=8)
+@serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=8, max_queued_requests=16)
 class Version:
     """What `/versions` and `/healthz` ask of a version; binds its stages into one application."""
 

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_admin_token, parse_policy,
                                        registry_actor, unprocessable)
 from deployments.ingress.metrics import PolicyMetrics, answer_figures
-from deployments.ingress.request_path import answer
+from deployments.ingress.request_path import STAGE_TIMEOUT_S, StageUnavailable, answer
 from deployments.ingress.routing import VersionStages, choose_version, parse_weights
 from deployments.schemas import (EventsRequest, EventsResponse, LiveVersion, PolicyStateResponse, PolicyUpdateRequest,
                                  RecommendedItem, RecommendRequest, RecommendResponse, VersionsResponse)
@@ -30,7 +30,7 @@ from deployments.store import StoreClient, actor_store
 from training.request.policy_config import PolicyConfig
 
 app = FastAPI(title="recsys", description="Multi-stage recommendations: retrieval, ranking, policy.")
-USER_CONFIG_KEYS = ("versions", "policy", "admin_token_sha256", "candidates")
+USER_CONFIG_KEYS = ("versions", "policy", "admin_token_sha256", "candidates", "stage_timeout_s")
 CANDIDATES = 500  # retrieved per request and ranked
 
 
@@ -41,7 +41,7 @@ def _replica_id() -> str:
         return f"local-{uuid.uuid4().hex[:8]}"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16, max_queued_requests=32,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 @serve.ingress(app)
 class Ingress:
@@ -55,7 +55,7 @@ class Ingress:
         self.fixed_stages = {v: VersionStages(**s) for v, s in (stages or {}).items()}
         self.weights: dict[str, float] = {}
         self.stages: dict[str, VersionStages] = {}
-        self.candidates = CANDIDATES
+        self.candidates, self.stage_timeout_s = CANDIDATES, STAGE_TIMEOUT_S
         self.steering = PolicySteering(registry or registry_actor(), _replica_id())
         env_token = os.environ.get(ADMIN_TOKEN_ENV)
         self.env_token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else None
@@ -73,8 +73,12 @@ class Ingress:
         candidates = user_config.get("candidates", CANDIDATES)
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"ingress user_config.candidates: a positive integer, got {candidates!r}")
+        timeout_s = user_config.get("stage_timeout_s", STAGE_TIMEOUT_S)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+            raise ValueError(f"ingress user_config.stage_timeout_s: a positive number of seconds, got {timeout_s!r}")
         stages = {v: self.fixed_stages.get(v) or VersionStages.of(v) for v in weights}  # [1] by handle
         self.weights, self.stages, self.candidates = weights, stages, candidates
+        self.stage_timeout_s = float(timeout_s)
         self.token_sha256 = user_config.get("admin_token_sha256") or self.env_token_sha256
         await self.steering.publish_base(policy)
 
@@ -97,7 +101,10 @@ class Ingress:
         version = req.version or choose_version(req.user_id, self.weights)
         try:
             out = await answer(req.user_id, req.context.model_dump(), req.k, self.stages[version], self.store, policy,
-                               request_id, self.candidates, req.filters.to_filter())
+                               request_id, self.candidates, req.filters.to_filter(), self.stage_timeout_s)
+        except StageUnavailable as e:  # shed or timed out: at once, with when to come back
+            raise HTTPException(e.status_code, f"version {version} is overloaded: {e}",
+                                headers={"Retry-After": str(max(1, round(e.retry_after_s)))}) from e
         except Exception as e:  # a failing stage answers with a clear error, never a hang or a crash
             raise HTTPException(503, f"version {version} could not answer: {type(e).__name__}: {e}") from e
         final = out.final
