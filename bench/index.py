@@ -26,7 +26,7 @@ from training.data.splits import temporal
 from training.fit.bundle import load_bundle
 from training.fit.offline_metrics import item_vectors
 
-SETTINGS = [IndexSpec("flat")] + [IndexSpec("ivf_flat", nlist=256, nprobe=p) for p in (4, 8, 16, 32)] + [
+SETTINGS = [IndexSpec("flat")] + [IndexSpec("ivf_flat", nlist=256, nprobe=p) for p in (4, 8, 16, 32, 64)] + [
     IndexSpec("ivf_sq8", nlist=256, nprobe=16), IndexSpec("ivf_pq", nlist=256, nprobe=16, pq_m=16),
     IndexSpec("ivf_pq", nlist=256, nprobe=16, pq_m=32)] + [
     IndexSpec("hnsw", hnsw_m=32, ef_construction=80, ef_search=e) for e in (500, 800)]
