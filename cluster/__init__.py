@@ -9,7 +9,3 @@ os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX",
                       r"Failed to query Ray Train Controller actor state|Failed to get queue length"
                       r"|Failed to fetch queue length|worker processes have been started on node"
                       r"|Reporting training result|Checkpoint successfully created")
-# Serve's throughput-optimized mode: user code and the router on the replica's own event loop instead of a thread
-# hop each, gRPC between replicas, buffered request logs. Measured over HTTP at concurrency 1 on the demo: 39.8 ->
-# 29.5 ms median (Retrieval call 11.2 -> 8.8 ms, Ranking 11.4 -> 6.7). Set RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to leave.
-os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")

@@ -56,8 +56,6 @@ def ray_cluster():
     from training import NAMESPACE
 
     port, dashboard, agent = free_port(), free_port(), free_port()
-    import cluster  # noqa: F401 - its Ray and Serve settings reach the cluster's processes through this env
-
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0"}
     os.environ["RAY_AUTH_MODE"] = "disabled"
