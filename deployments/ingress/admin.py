@@ -28,7 +28,7 @@ from fastapi import HTTPException
 
 from deployments.calls import ActorCalls
 from training import NAMESPACE
-from training.request.policy_config import PolicyConfig
+from training.request.policy_config import DEFAULT_SURFACES, PolicyConfig
 
 logger = logging.getLogger("ray.serve")
 REGISTRY_NAME = "recsys-policy-registry"
@@ -138,8 +138,9 @@ class PolicySteering:
         self._follower: asyncio.Task | None = None
 
     def surface(self, page: str | None) -> str:
-        """The surface a page belongs to: a page with a preset names its own, every other page is `OTHER_SURFACE`."""
-        return page if page in self.policy.surfaces else OTHER_SURFACE
+        """The surface a page belongs to: the standard surfaces (home, category, search) and every page with a
+        preset name their own, every other page is `OTHER_SURFACE`."""
+        return page if page in self.policy.surfaces or page in DEFAULT_SURFACES else OTHER_SURFACE
 
     def config_for(self, surface: str) -> PolicyConfig:
         config = self._by_surface.get(surface)
