@@ -52,9 +52,16 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace, keep_serving: bool = False) -> None:
+    import dataclasses
+
     from cluster.demo import run_demo
 
-    run_demo(load_config(args.config), keep_serving=keep_serving)
+    cfg = load_config(args.config)
+    if args.store == "redis":
+        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, store=args.redis_url))
+    elif args.store == "embedded":
+        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, store="embedded"))
+    run_demo(cfg, keep_serving=keep_serving)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -145,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
         d = sub.add_parser(name, help="data, training, indexing, serving and real HTTP requests" if not keep
                            else "the demo's deployment, then keep serving and print the URL")
         d.add_argument("--config", default="demo", help="YAML config path or built-in name (demo, tiny)")
+        d.add_argument("--store", choices=("embedded", "redis"), default=None,
+                       help="online store (default from config: serving.store): embedded (in memory, lost on "
+                            "restart) or redis (durable; a local redis-server is installed and started if none answers)")
+        d.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="with --store redis")
         d.set_defaults(func=lambda a, keep=keep: _demo(a, keep_serving=keep))
     return p
 

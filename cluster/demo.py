@@ -17,7 +17,9 @@ from rich.table import Table
 
 from cluster.config import RecsysConfig
 from cluster.runtime import init_ray
-from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
+from cluster.serving import (deploy_ingress, deploy_version, seed_online_store, start_redis, start_serve,
+                             wait_healthy)
+from deployments.store import EMBEDDED
 from indexing.embed import INDEX_MANIFEST, embed_catalog
 from training.fit.bundle import BUNDLE_FORMAT, MANIFEST, load_bundle
 from training.fit.version import train_version
@@ -109,9 +111,11 @@ def deploy(cfg: RecsysConfig, shop_dir: Path, bundles: dict[str, Path]) -> str:
     """Starts Serve, seeds the online store, deploys every version and the ingress; returns the base URL."""
     console.rule("deploying on Ray Serve")
     start_serve(cfg.serving)
-    stats = seed_online_store(shop_dir)
-    console.print(f"[bold]features[/] online store seeded: {stats['users']:,} users, {stats['engagements']:,} "
-                  "recent engagements")
+    if cfg.serving.store != EMBEDDED:
+        start_redis(cfg.serving.store, Path(cfg.data.dir).parent / "redis")
+    stats = seed_online_store(shop_dir, cfg.serving.store)
+    console.print(f"[bold]features[/] online store ({stats['backend']}, {'durable' if stats['durable'] else 'in memory'}"
+                  f"): {stats['users']:,} users, {stats['engagements']:,} recent engagements")
     for path in bundles.values():
         deploy_version(path, cfg.serving)
     deploy_ingress(dict(cfg.demo.versions), cfg.policy.to_dict(), cfg.serving)

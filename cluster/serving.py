@@ -10,9 +10,10 @@ from ray import serve
 
 from deployments.app import ServingConfig, build_ingress_app, build_version_app
 from deployments.ingress.routing import version_app_name
-from deployments.store import create_store
+from deployments.redis_store import RedisActions
+from deployments.store import EMBEDDED, create_store
 from training.fit.bundle import load_bundle
-from training.data.schemas import read_shop
+from training.data.schemas import read_shop, snapshot_id
 
 INGRESS_APP = "recsys"
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
@@ -44,12 +45,37 @@ def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cf
               logging_config=QUIET)
 
 
-def seed_online_store(shop_dir: str | Path) -> dict[str, int]:
-    """Creates the online store actor and loads the shop's event history into it."""
+def seed_online_store(shop_dir: str | Path, store: str = EMBEDDED) -> dict[str, Any]:
+    """Loads the shop's event history into the online store: the embedded actor (created here), or a Redis database
+    (once per shop snapshot: a restart keeps the events posted since). Returns the store's stats."""
+    import asyncio
+
     import ray
 
-    store = create_store(read_shop(shop_dir).events)
-    return ray.get(store.stats.remote())
+    events = read_shop(shop_dir).events
+    if store == EMBEDDED:
+        return ray.get(create_store(events).stats.remote())
+
+    async def seed() -> dict[str, Any]:
+        redis = RedisActions(store)
+        try:
+            await redis.seed(events, snapshot_id(shop_dir))
+            return await redis.stats()
+        finally:
+            await redis.close()
+    return asyncio.run(seed())
+
+
+def start_redis(url: str, data_dir: str | Path) -> None:
+    """Starts the project's redis-server (append-only persistence) for a loopback URL unless one answers there."""
+    from urllib.parse import urlparse
+
+    from cluster import redis_server
+
+    parsed = urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost"):
+        return  # a remote Redis is the operator's to run
+    redis_server.start(parsed.port or redis_server.DEFAULT_PORT, data_dir)
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from deployments.ingress.routes import Ingress
 from deployments.ranking import Ranking
 from deployments.retrieval import Retrieval
 from deployments.version import Version
+from deployments.store import EMBEDDED
 from indexing.embed import LAYOUTS
 
 
@@ -26,11 +27,17 @@ class ServingConfig:
     index_layout: str = "auto"
     index_memory_mb: float = 1024.0
     request_timeout_s: float = 10.0  # the HTTP proxy answers 408 past this: no request waits forever
-    stage_timeout_s: float = 5.0  # each call from the ingress to a stage (online store, retrieval, ranking)
+    stage_timeout_s: float = 5.0  # each call from the ingress to a stage (retrieval, ranking)
+    store_timeout_s: float = 1.0  # the online store; past it the request goes on without the user's state
+    # The online store: "embedded" (an in-memory actor, lost on restart) or a redis:// URL (durable; started by
+    # `recsys serve --store redis`, see cluster/redis_server.py).
+    store: str = EMBEDDED
 
     def __post_init__(self) -> None:
         if self.index_layout not in LAYOUTS:
             raise ValueError(f"serving.index_layout must be one of {list(LAYOUTS)}, got {self.index_layout!r}")
+        if self.store != EMBEDDED and not self.store.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"serving.store must be 'embedded' or a redis:// URL, got {self.store!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +65,9 @@ def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None,
     the token from RECSYS_ADMIN_TOKEN, and with neither the admin endpoint refuses every call.
     """
     user_config = {"versions": dict(versions), "policy": dict(policy or {}), "candidates": cfg.candidates,
-                   "stage_timeout_s": cfg.stage_timeout_s}
+                   "stage_timeout_s": cfg.stage_timeout_s, "store_timeout_s": cfg.store_timeout_s}
     if admin_token_sha256:
         user_config["admin_token_sha256"] = admin_token_sha256
     return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
-                           autoscaling_config=_autoscaling(cfg, 8), user_config=user_config).bind()
+                           autoscaling_config=_autoscaling(cfg, 8), user_config=user_config).bind(
+        store_spec=cfg.store)

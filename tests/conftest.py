@@ -44,6 +44,33 @@ def _wait_for_port(port: int, proc: subprocess.Popen, deadline_s: float = 120.0)
 
 
 @pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `redis-server` (installed when missing, append-only persistence on) started by the project's own
+    script on a free port: {"port", "dir", "url", "restart"}. `restart()` stops it (it fsyncs and exits) and starts
+    it again on the same data folder, as an operator's restart would."""
+    from cluster import redis_server as rs
+
+    port, data_dir = free_port(), tmp_path_factory.mktemp("redis")
+    state = {"proc": rs.start_foreground(port, data_dir)}
+
+    def restart() -> None:
+        rs.stop(port)
+        state["proc"].wait(timeout=30)
+        state["proc"] = rs.start_foreground(port, data_dir)
+    yield {"port": port, "dir": data_dir, "url": f"redis://127.0.0.1:{port}/0", "restart": restart}
+    rs.stop(port)
+    try:
+        state["proc"].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(state["proc"].pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server["url"]
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """A head node started with `ray start --head` on free ports (logical CPUs: 4, so fractional actors of two
     versions fit on 2 cores), so `ray job submit` talks to a real cluster and every integration test reuses it.

@@ -5,7 +5,6 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.ingress.routing import choose_version, parse_weights
-from deployments.store import RecentActions
 from deployments.schemas import EventsRequest, RecommendRequest
 
 
@@ -32,20 +31,6 @@ def test_recommend_request_bounds_k_and_refuses_unknown_fields():
             RecommendRequest(**body)
     with pytest.raises(ValidationError, match="action"):
         EventsRequest(events=[{"user_id": "u", "item_id": "i", "action": "steal"}])
-
-
-def test_online_store_keeps_recent_engagements_in_time_order_and_purchases():
-    store = RecentActions(max_recent=3)
-    n = store.append([{"user_id": "u", "item_id": f"i{k}", "action": "click", "ts": float(10 - k)} for k in range(5)]
-                     + [{"user_id": "u", "item_id": "i9", "action": "view", "ts": 20.0},
-                        {"user_id": "u", "item_id": "i7", "action": "purchase", "ts": 30.0}])
-    assert n == 7
-    state = store.get("u")
-    assert state["items"] == ["i4", "i3", "i7"]  # the 3 latest kept, oldest first; views not kept
-    assert state["bought_at"] == {"i7": 30.0}
-    assert store.get("nobody") == {"items": [], "actions": [], "timestamps": [], "bought_at": {}}
-
-
 
 
 def test_admin_token_is_401_when_missing_and_403_when_wrong_or_unconfigured():
