@@ -52,7 +52,9 @@ class RecommendRequest(BaseModel):
     user_id: str = Id
     k: int = Field(20, ge=1, le=500)
     context: RequestContext = Field(default_factory=RequestContext)
-    policy: dict[str, Any] | None = None  # overrides of the deployment's PolicyConfig for this request
+    # Overrides of the deployment's PolicyConfig for this request: clients may set a few (deployments.ingress.access),
+    # the rest need the admin token. Values are checked by PolicyConfig (bounded lists and strings).
+    policy: dict[Annotated[str, Field(max_length=64)], Any] | None = Field(None, max_length=32)
     version: str | None = Field(None, max_length=40)  # force a live version instead of the weighted split
     request_id: str | None = Field(None, min_length=1, max_length=128)  # seeds exploration; the same id, the same draw
     filters: RecommendFilters = Field(default_factory=RecommendFilters)
@@ -72,6 +74,7 @@ class RecommendResponse(BaseModel):
     version: str
     cold_start: bool
     partial: bool = False  # an index shard did not answer in time: the items come from the other shards
+    store_fallback: bool = False  # the online store did not answer: context and popular items only
     items: list[RecommendedItem]
     timings_ms: dict[str, float]
 
@@ -82,7 +85,7 @@ class EventIn(BaseModel):
     item_id: str = Id
     action: Action
     timestamp: datetime | None = None  # server time when absent
-    position: int | None = Field(None, ge=0)
+    position: int | None = Field(None, ge=0, le=10_000)  # the 0-based slot the item was shown at
     context: RequestContext | None = None
 
 
@@ -93,6 +96,7 @@ class EventsRequest(BaseModel):
 
 class EventsResponse(BaseModel):
     accepted: int
+    durable: bool  # stored where a restart keeps it (Redis); false for the embedded store
 
 
 class LiveVersion(BaseModel):

@@ -19,18 +19,22 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
+from deployments.ingress.access import (API_KEY_HEADER, BodyLimit, api_key_digests, check_api_key, forbidden,
+                                        operator_fields)
 from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_admin_token, parse_policy,
                                        registry_actor, unprocessable)
 from deployments.ingress.metrics import PolicyMetrics, answer_figures
-from deployments.ingress.request_path import STAGE_TIMEOUT_S, StageUnavailable, answer
+from deployments.ingress.request_path import STAGE_TIMEOUT_S, STORE_TIMEOUT_S, StageUnavailable, answer
 from deployments.ingress.routing import VersionStages, choose_version, parse_weights
 from deployments.schemas import (EventsRequest, EventsResponse, LiveVersion, PolicyStateResponse, PolicyUpdateRequest,
                                  RecommendedItem, RecommendRequest, RecommendResponse, VersionsResponse)
-from deployments.store import StoreClient, actor_store
+from deployments.store import EMBEDDED, StoreClient, open_store
 from training.request.policy_config import PolicyConfig
 
 app = FastAPI(title="recsys", description="Multi-stage recommendations: retrieval, ranking, policy.")
-USER_CONFIG_KEYS = ("versions", "policy", "admin_token_sha256", "candidates", "stage_timeout_s")
+app.add_middleware(BodyLimit)
+USER_CONFIG_KEYS = ("versions", "policy", "admin_token_sha256", "api_keys_sha256", "candidates", "stage_timeout_s",
+                    "store_timeout_s")
 CANDIDATES = 500  # retrieved per request and ranked
 
 
@@ -46,21 +50,23 @@ def _replica_id() -> str:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, store: StoreClient | None = None, registry: Any = None,
-                 stages: dict[str, dict[str, DeploymentHandle]] | None = None) -> None:
-        """Collaborators default to the cluster's: the online store and policy registry actors, and each live
-        version's deployments looked up by handle. Serve's local testing mode passes in-process ones instead
-        (`tests/unit/deployments`): a store, a `PolicyRegistry`, and {version: {"retrieval", "ranking", "version"}}
-        bound deployments."""
-        self.store = store or actor_store()
+                 stages: dict[str, dict[str, DeploymentHandle]] | None = None, store_spec: str = EMBEDDED) -> None:
+        """Collaborators default to the cluster's: the online store (`store_spec`: the embedded actor or a redis://
+        URL), the policy registry actor, and each live version's deployments looked up by handle. Serve's local
+        testing mode passes in-process ones instead (`tests/unit/deployments`): a store, a `PolicyRegistry`, and
+        {version: {"retrieval", "ranking", "version"}} bound deployments."""
+        self.store = store or open_store(store_spec)
         self.fixed_stages = {v: VersionStages(**s) for v, s in (stages or {}).items()}
         self.weights: dict[str, float] = {}
         self.stages: dict[str, VersionStages] = {}
-        self.candidates, self.stage_timeout_s = CANDIDATES, STAGE_TIMEOUT_S
+        self.candidates, self.stage_timeout_s, self.store_timeout_s = CANDIDATES, STAGE_TIMEOUT_S, STORE_TIMEOUT_S
+        self.api_keys = api_key_digests(None)
         self.steering = PolicySteering(registry or registry_actor(), _replica_id())
         env_token = os.environ.get(ADMIN_TOKEN_ENV)
         self.env_token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else None
         self.token_sha256 = self.env_token_sha256
         self.metrics = PolicyMetrics()
+        self._store_stats: dict[str, Any] | None = None  # the store's first stats answer (its backend, durability)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """{"versions": {"v1": 90, "v2": 10}, "policy": {...}, "admin_token_sha256": "...", "candidates": 500}; a
@@ -73,12 +79,15 @@ class Ingress:
         candidates = user_config.get("candidates", CANDIDATES)
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
             raise ValueError(f"ingress user_config.candidates: a positive integer, got {candidates!r}")
-        timeout_s = user_config.get("stage_timeout_s", STAGE_TIMEOUT_S)
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-            raise ValueError(f"ingress user_config.stage_timeout_s: a positive number of seconds, got {timeout_s!r}")
+        timeouts = {}
+        for key, default in (("stage_timeout_s", STAGE_TIMEOUT_S), ("store_timeout_s", STORE_TIMEOUT_S)):
+            timeouts[key] = user_config.get(key, default)
+            if isinstance(timeouts[key], bool) or not isinstance(timeouts[key], (int, float)) or timeouts[key] <= 0:
+                raise ValueError(f"ingress user_config.{key}: a positive number of seconds, got {timeouts[key]!r}")
+        api_keys = api_key_digests(user_config.get("api_keys_sha256"))
         stages = {v: self.fixed_stages.get(v) or VersionStages.of(v) for v in weights}  # [1] by handle
-        self.weights, self.stages, self.candidates = weights, stages, candidates
-        self.stage_timeout_s = float(timeout_s)
+        self.weights, self.stages, self.candidates, self.api_keys = weights, stages, candidates, api_keys
+        self.stage_timeout_s, self.store_timeout_s = float(timeouts["stage_timeout_s"]), float(timeouts["store_timeout_s"])
         self.token_sha256 = user_config.get("admin_token_sha256") or self.env_token_sha256
         await self.steering.publish_base(policy)
 
@@ -87,9 +96,16 @@ class Ingress:
         await self.steering.leave()
 
     @app.post("/recommend", response_model=RecommendResponse)
-    async def recommend(self, req: RecommendRequest,
-                        x_request_id: str | None = Header(None, max_length=128)) -> RecommendResponse:
+    async def recommend(self, req: RecommendRequest, x_request_id: str | None = Header(None, max_length=128),
+                        authorization: str | None = Header(None, max_length=1024),
+                        x_api_key: str | None = Header(None, alias=API_KEY_HEADER, max_length=256)) -> RecommendResponse:
         t0 = time.perf_counter()
+        check_api_key(x_api_key, self.api_keys)
+        reserved = operator_fields(req.policy)
+        if reserved:
+            if not authorization:
+                raise forbidden(reserved)
+            check_admin_token(authorization, self.token_sha256)
         if req.version is not None and req.version not in self.stages:
             raise HTTPException(404, f"version {req.version!r} is not live; live versions: {sorted(self.stages)}")
         surface = self.steering.surface(req.context.page)
@@ -101,7 +117,8 @@ class Ingress:
         version = req.version or choose_version(req.user_id, self.weights)
         try:
             out = await answer(req.user_id, req.context.model_dump(), req.k, self.stages[version], self.store, policy,
-                               request_id, self.candidates, req.filters.to_filter(), self.stage_timeout_s)
+                               request_id, self.candidates, req.filters.to_filter(), self.stage_timeout_s,
+                               self.store_timeout_s)
         except StageUnavailable as e:  # shed or timed out: at once, with when to come back
             raise HTTPException(e.status_code, f"version {version} is overloaded: {e}",
                                 headers={"Retry-After": str(max(1, round(e.retry_after_s)))}) from e
@@ -115,7 +132,8 @@ class Ingress:
                  for i in range(min(req.k, len(final)))]
         timings = {**out.timings_ms, "total": (time.perf_counter() - t0) * 1000.0}
         return RecommendResponse(user_id=req.user_id, request_id=request_id, version=version,
-                                 cold_start=out.cold_start, partial=out.partial, items=items,
+                                 cold_start=out.cold_start, partial=out.partial, store_fallback=out.store_fallback,
+                                 items=items,
                                  timings_ms={k: round(v, 3) for k, v in timings.items()})
 
     @app.get("/admin/policy", response_model=PolicyStateResponse)
@@ -140,12 +158,28 @@ class Ingress:
         return body
 
     @app.post("/events", response_model=EventsResponse)
-    async def events(self, req: EventsRequest) -> EventsResponse:
+    async def events(self, req: EventsRequest,
+                     x_api_key: str | None = Header(None, alias=API_KEY_HEADER, max_length=256)) -> EventsResponse:
+        """Stores the events (views too, with position and context) and answers once the store acknowledged them;
+        `durable` says whether they survive a restart (Redis) or not (the embedded store)."""
+        check_api_key(x_api_key, self.api_keys)
         now = time.time()
         rows = [{"user_id": e.user_id, "item_id": e.item_id, "action": e.action,
                  "ts": (e.timestamp.replace(tzinfo=e.timestamp.tzinfo or timezone.utc).timestamp()
-                        if e.timestamp else now)} for e in req.events]
-        return EventsResponse(accepted=await self.store.append(rows))
+                        if e.timestamp else now), "position": e.position,
+                 "context": e.context.model_dump(exclude_none=True) if e.context else None} for e in req.events]
+        try:
+            accepted, stats = await asyncio.wait_for(self._append(rows), self.stage_timeout_s)
+        except Exception as e:  # noqa: BLE001 - not stored: the client must send them again
+            raise HTTPException(503, f"online store unavailable, events not stored: {type(e).__name__}",
+                                headers={"Retry-After": "1"}) from e
+        return EventsResponse(accepted=accepted, durable=bool(stats.get("durable")))
+
+    async def _append(self, rows: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+        accepted = await self.store.append(rows)
+        if self._store_stats is None:
+            self._store_stats = await self.store.stats()
+        return accepted, self._store_stats
 
     @app.get("/versions", response_model=VersionsResponse)
     async def versions(self) -> VersionsResponse:

@@ -12,6 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Bounds that keep one config (and one error message) small, whoever sends it.
+MAX_NAMES = 1000  # blocked brands or categories
+MAX_SPONSORED = 100  # sponsored items pinned into one answer's ranking
+MAX_NAME = 128  # characters of a brand, category or item id
+MAX_SLOTS, MAX_SLOT = 100, 10_000  # explore/sponsored slot lists and slot numbers
+MAX_SURFACES, MAX_PAGE = 64, 32  # presets, and the length of a page name (as the HTTP context allows)
+
 # Presets by surface, applied on top of the base config for a request's `page`. Home is a discovery surface (some
 # exploration, no category hogging the first screen); a category page is one category already, so it only asks for
 # a new item up front; search honours the query, so a brand the shopper typed may come twice in a row.
@@ -24,6 +31,12 @@ DEFAULT_SURFACES: dict[str, dict[str, object]] = {
 
 def _bad(name: str, expected: str, value: object) -> ValueError:
     return ValueError(f"PolicyConfig.{name} must be {expected}, got {value!r}")
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """A value's repr cut to `limit` characters, for error messages about values that may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _is_int(v: object) -> bool:
@@ -97,15 +110,18 @@ class PolicyConfig:
             self._set(name, None if value is None else int(value))
         for name in ("explore_slots", "sponsored_slots"):
             value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
-                    _is_int(s) and s >= 0 for s in value) or list(value) != sorted(set(value)):
-                raise _bad(name, "a list of distinct, increasing slot numbers >= 0", value)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) > MAX_SLOTS or not all(
+                    _is_int(s) and 0 <= s < MAX_SLOT for s in value) or list(value) != sorted(set(value)):
+                raise _bad(name, f"a list of at most {MAX_SLOTS} distinct, increasing slot numbers in "
+                                 f"[0, {MAX_SLOT})", _short(value))
             self._set(name, tuple(int(s) for s in value))
-        for name in ("blocked_brands", "blocked_categories", "sponsored_items"):
+        for name, most in (("blocked_brands", MAX_NAMES), ("blocked_categories", MAX_NAMES),
+                           ("sponsored_items", MAX_SPONSORED)):
             value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(
-                    isinstance(s, str) and s for s in value):
-                raise _bad(name, "a list of non-empty strings", value)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) > most or not all(
+                    isinstance(s, str) and 0 < len(s) <= MAX_NAME for s in value):
+                raise _bad(name, f"a list of at most {most} non-empty strings of at most {MAX_NAME} characters",
+                           _short(value))
             self._set(name, tuple(value))
         if self.max_new is not None and self.min_new > self.max_new:
             raise _bad("min_new", f"<= max_new ({self.max_new})", self.min_new)
@@ -117,11 +133,11 @@ class PolicyConfig:
         object.__setattr__(self, name, value)  # normalising a frozen dataclass's field in __post_init__
 
     def _checked_surfaces(self, surfaces: object) -> dict[str, dict[str, object]]:
-        if not isinstance(surfaces, Mapping):
-            raise _bad("surfaces", "a mapping page -> overrides", surfaces)
+        if not isinstance(surfaces, Mapping) or len(surfaces) > MAX_SURFACES:
+            raise _bad("surfaces", f"a mapping page -> overrides of at most {MAX_SURFACES} pages", _short(surfaces))
         out = {}
         for page, overrides in surfaces.items():
-            if not isinstance(page, str) or not isinstance(overrides, Mapping):
+            if not isinstance(page, str) or not 0 < len(page) <= MAX_PAGE or not isinstance(overrides, Mapping):
                 raise _bad(f"surfaces.{page}", "a mapping of PolicyConfig fields", overrides)
             if "surfaces" in overrides:
                 raise _bad(f"surfaces.{page}.surfaces", "absent (presets do not nest)", overrides["surfaces"])

@@ -64,8 +64,9 @@ def local_app(tmp_path_factory):
     return {"handle": handle, "shop": shop, "user": engaged[0], "shards": shards, "bundle": str(path), "state": state}
 
 
-def recommend(app, **body):
-    return app["handle"].recommend.remote(RecommendRequest(**body), None).result()
+def recommend(app, authorization=None, **body):
+    """POST /recommend as the route sees it: (body, X-Request-Id, Authorization, X-API-Key)."""
+    return app["handle"].recommend.remote(RecommendRequest(**body), None, authorization, None).result()
 
 
 def test_a_request_runs_its_versions_retrieval_ranking_and_policy(local_app):
@@ -86,7 +87,8 @@ def test_a_posted_purchase_sorts_the_item_down_in_the_next_answer(local_app):
     user = local_app["user"]
     first = recommend(local_app, user_id=user, k=5).items[0].item_id
     events = EventsRequest(events=[{"user_id": user, "item_id": first, "action": "purchase"}])
-    assert local_app["handle"].events.remote(events).result().accepted == 1
+    answer = local_app["handle"].events.remote(events, None).result()
+    assert answer.accepted == 1 and answer.durable is False  # the embedded store keeps events in memory only
     assert first not in [i.item_id for i in recommend(local_app, user_id=user, k=5).items]
 
 
@@ -95,8 +97,23 @@ def test_a_pinned_sponsored_item_is_ranked_and_placed_even_when_retrieval_missed
     shown = {i.item_id for i in recommend(local_app, user_id=user, k=200).items}
     catalog = local_app["shop"].catalog.column("item_id").to_pylist()
     outsider = next(i for i in catalog if i not in shown)
-    out = recommend(local_app, user_id=user, k=10, policy={"sponsored_items": [outsider], "sponsored_slots": [1]})
+    out = recommend(local_app, f"Bearer {TOKEN}", user_id=user, k=10,
+                    policy={"sponsored_items": [outsider], "sponsored_slots": [1]})
     assert out.items[1].item_id == outsider and out.items[1].reason == "policy:sponsored"
+
+
+def test_operator_overrides_need_the_admin_token_and_client_ones_do_not(local_app):
+    user = local_app["user"]
+    for policy in ({"filter_out_of_stock": False}, {"sponsored_items": ["x"]}, {"max_per_category": 1},
+                   {"explore_epsilon": 1.0, "max_brand_run": 2}):
+        for auth in (None, "Bearer wrong"):
+            with pytest.raises(HTTPException) as e:
+                recommend(local_app, auth, user_id=user, k=5, policy=policy)
+            assert e.value.status_code == 403, (policy, auth)
+            if auth is None:  # names each operator field, and only those
+                assert [d["loc"][-1] for d in e.value.detail] == sorted(set(policy) - {"max_brand_run"})
+    assert len(recommend(local_app, user_id=user, k=5, policy={"max_brand_run": 2, "brand_diversity": False}).items) == 5
+    assert len(recommend(local_app, f"Bearer {TOKEN}", user_id=user, k=5, policy={"max_per_category": 1}).items) == 5
 
 
 def test_a_version_that_is_not_live_is_a_404_and_a_bad_override_a_422(local_app):
