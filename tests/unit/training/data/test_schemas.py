@@ -1,4 +1,4 @@
-"""Arrow schemas: validation errors name the column, safe casts pass, shop folders round-trip."""
+"""Arrow schemas: validation errors name the column and the first bad row, safe casts pass, shop folders round-trip."""
 
 from datetime import datetime, timezone
 
@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from training.data.schemas import (
     ACTIONS,
@@ -14,6 +16,7 @@ from training.data.schemas import (
     USERS_SCHEMA,
     SchemaError,
     Shop,
+    first_failing_row,
     read_shop,
     read_table,
     snapshot_id,
@@ -75,7 +78,7 @@ def test_missing_column_is_named() -> None:
 
 def test_uncastable_type_names_column_found_and_expected() -> None:
     table = make_catalog().set_column(3, "price", pa.array(["cheap"] * 3))
-    with pytest.raises(SchemaError, match=r"'price'.*string.*expected double"):
+    with pytest.raises(SchemaError, match=r"'price'.*string.*expected double \(first at row 1, value 'cheap'\)"):
         validate_table(table, CATALOG_SCHEMA, "catalog")
 
 
@@ -87,7 +90,7 @@ def test_numbers_are_not_silently_turned_into_ids() -> None:
 
 def test_nulls_in_non_nullable_column_are_counted() -> None:
     table = make_users().set_column(1, "country", pa.array(["DE", None]))
-    with pytest.raises(SchemaError, match=r"'country' has 1 null"):
+    with pytest.raises(SchemaError, match=r"'country' has 1 null.*first at row 2\)"):
         validate_table(table, USERS_SCHEMA, "users")
 
 
@@ -98,25 +101,26 @@ def test_nulls_in_nullable_column_are_accepted() -> None:
 
 def test_unknown_action_lists_values_and_allowed_set() -> None:
     events = make_events().set_column(3, "action", pa.array(["view", "like", "like"]))
-    with pytest.raises(SchemaError, match=r"'action' has 2 unknown value\(s\) \['like'\].*add_to_cart"):
+    with pytest.raises(SchemaError, match=r"'action' has 2 unknown value\(s\) \['like'\] \(first at row 2, "
+                                         r"value 'like'\).*add_to_cart"):
         validate_table(events, EVENTS_SCHEMA, "events")
 
 
 def test_negative_position_is_rejected() -> None:
     events = make_events().set_column(4, "position", pa.array([0, -1, 2], type=pa.int32()))
-    with pytest.raises(SchemaError, match=r"'position' has 1 negative"):
+    with pytest.raises(SchemaError, match=r"'position' has 1 negative.*row 2, value -1"):
         validate_table(events, EVENTS_SCHEMA, "events")
 
 
 def test_negative_price_is_rejected() -> None:
     table = make_catalog().set_column(3, "price", pa.array([1.0, -2.0, 3.0]))
-    with pytest.raises(SchemaError, match="'price'"):
+    with pytest.raises(SchemaError, match=r"'price'.*row 2, value -2.0"):
         validate_table(table, CATALOG_SCHEMA, "catalog")
 
 
 def test_duplicate_item_id_is_rejected() -> None:
     table = make_catalog().set_column(0, "item_id", pa.array(["i0", "i1", "i0"]))
-    with pytest.raises(SchemaError, match=r"'item_id' has 1 duplicate.*'i0'"):
+    with pytest.raises(SchemaError, match=r"'item_id' has 1 duplicate.*first repeat at row 3, value 'i0'"):
         validate_table(table, CATALOG_SCHEMA, "catalog")
 
 
@@ -133,7 +137,7 @@ def test_int64_position_that_fits_is_cast_to_int32() -> None:
 
 def test_int64_position_that_overflows_int32_is_rejected() -> None:
     events = make_events().set_column(4, "position", pa.array([0, 1, 2**40], type=pa.int64()))
-    with pytest.raises(SchemaError, match="'position'.*int64"):
+    with pytest.raises(SchemaError, match=r"'position'.*int64.*row 3, value 1099511627776"):
         validate_table(events, EVENTS_SCHEMA, "events")
 
 
@@ -185,6 +189,29 @@ def test_read_table_error_names_the_file(tmp_path) -> None:
         read_table(tmp_path / "users.parquet", USERS_SCHEMA)
 
 
+def test_read_table_of_a_truncated_file_names_the_file(tmp_path) -> None:
+    write_table(make_users(), tmp_path / "users.parquet", USERS_SCHEMA)
+    data = (tmp_path / "users.parquet").read_bytes()
+    (tmp_path / "users.parquet").write_bytes(data[:-10])  # the footer is cut off
+    with pytest.raises(SchemaError, match=r"users.parquet.*truncated or corrupt"):
+        read_table(tmp_path / "users.parquet", USERS_SCHEMA)
+
+
+def test_a_dictionary_column_names_the_row_of_its_value_that_does_not_cast() -> None:
+    position = pa.array([0, 1, 2**40], type=pa.int64()).dictionary_encode()
+    with pytest.raises(SchemaError, match=r"'position'.*row 3, value 1099511627776"):
+        validate_table(make_events().set_column(4, "position", position), EVENTS_SCHEMA, "events")
+
+
+VALID_INTS = ("0", "7", "-12")
+
+
+@given(st.lists(st.sampled_from((*VALID_INTS, "x", "", "1.5")), max_size=40))
+def test_first_failing_row_is_the_first_value_that_does_not_cast(texts: list[str]) -> None:
+    want = next((i for i, t in enumerate(texts) if t not in VALID_INTS), -1)
+    assert first_failing_row(pa.array(texts, type=pa.string()), lambda a: a.cast(pa.int64())) == want
+
+
 def make_shop() -> Shop:
     return Shop(catalog=make_catalog(), users=make_users(), events=make_events(), meta={"source": "test"},
                 hidden={"item_latent": np.arange(6, dtype=np.float32).reshape(3, 2)})
@@ -214,7 +241,7 @@ def test_read_shop_rejects_events_of_unknown_items(tmp_path) -> None:
     shop = make_shop()
     shop.events = make_events(items=["i0", "i9", "i8"])
     write_shop(shop, tmp_path)
-    with pytest.raises(SchemaError, match=r"'item_id' has 2 event\(s\).*not in the catalog"):
+    with pytest.raises(SchemaError, match=r"'item_id' has 2 event\(s\).*not in the catalog, first at row 2"):
         read_shop(tmp_path)
 
 
@@ -222,7 +249,7 @@ def test_read_shop_rejects_events_of_unknown_users(tmp_path) -> None:
     shop = make_shop()
     shop.events = make_events(users=["u0", "u7", "u0"])
     write_shop(shop, tmp_path)
-    with pytest.raises(SchemaError, match=r"'user_id' has 1 event\(s\).*'u7'"):
+    with pytest.raises(SchemaError, match=r"'user_id' has 1 event\(s\).*row 2, value 'u7'"):
         read_shop(tmp_path)
 
 
@@ -235,3 +262,11 @@ def test_snapshot_id_is_stable_and_changes_with_content(tmp_path) -> None:
     changed.users = make_users(3)
     write_shop(changed, tmp_path / "c")
     assert snapshot_id(tmp_path / "c") != sid
+
+
+def test_read_shop_rejects_a_truncated_hidden_array_naming_the_file(tmp_path) -> None:
+    write_shop(make_shop(), tmp_path)
+    data = (tmp_path / "hidden" / "item_latent.npy").read_bytes()
+    (tmp_path / "hidden" / "item_latent.npy").write_bytes(data[:-8])
+    with pytest.raises(SchemaError, match=r"item_latent.npy.*truncated or corrupt"):
+        read_shop(tmp_path)
