@@ -19,7 +19,6 @@ device are ``"unknown"``; position, page and query are null (not logged).
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from training.data.movielens import load_movielens
-from training.data.schemas import (CATALOG_SCHEMA, EVENTS_SCHEMA, TIMESTAMP, USERS_SCHEMA, SchemaError, Shop, read_shop,
-                              read_table, validate_table)
+from training.data.schemas import (CATALOG_SCHEMA, EVENTS_SCHEMA, TIMESTAMP, USERS_SCHEMA, SchemaError, Shop,
+                                   first_failing_row, first_row, read_meta, read_shop, read_table, validate_table)
 
 FORMATS: tuple[str, ...] = ("synthetic", "movielens", "taobao", "retailrocket", "parquet")
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
@@ -52,7 +51,8 @@ def load_dataset(path: str | Path, fmt: str) -> Shop:
 
     Raises:
         ValueError: an unknown format.
-        SchemaError: a missing or malformed file; the message names the file and the column.
+        SchemaError: a missing or malformed file; the message names the file, the column and the first bad row
+            (CSV: its line).
     """
     path = Path(path)
     loaders = {"synthetic": read_shop, "movielens": load_movielens, "taobao": load_taobao,
@@ -74,35 +74,78 @@ def _find_file(path: Path, name: str) -> Path:
 
 
 def _read_csv(file: Path, names: tuple[str, ...], types: dict[str, pa.DataType], header: bool) -> pa.Table:
-    """Reads a CSV with pyarrow (multi-threaded, no Python per row); a bad value names the file and the column.
+    """Reads a CSV with pyarrow (multi-threaded, no Python per row); a bad value names the file, column and line.
 
     Columns are read as strings and cast one by one, because pyarrow's own conversion errors name a column only by
-    its number.
+    its number. Line numbers count the header but not blank lines, which pyarrow skips.
     """
     read = pcsv.ReadOptions(column_names=None if header else list(names), block_size=1 << 24)
     convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, include_columns=list(names),
                                   strings_can_be_null=False)
     try:
         raw = pcsv.read_csv(file, read_options=read, convert_options=convert)
-    except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
+    except pa.ArrowInvalid as exc:
+        _raise_invalid_row(file, names, header, read, convert)
+        raise SchemaError(f"{file}: cannot read CSV (expected columns {list(names)}): {exc}") from exc
+    except pa.ArrowKeyError as exc:
         raise SchemaError(f"{file}: cannot read CSV (expected columns {list(names)}): {exc}") from exc
     columns = []
     for name in names:
         try:
             columns.append(pc.cast(raw[name], types[name]))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise SchemaError(f"{file}: column '{name}' must hold {types[name]} values: {exc}") from exc
+            row = first_failing_row(raw[name], lambda part: pc.cast(part, types[name]))
+            line = row + 1 + int(header)
+            raise SchemaError(f"{file}: column '{name}' must hold {types[name]} values; line {line} holds "
+                              f"{raw[name][row].as_py()!r}: {exc}") from exc
     return pa.table(dict(zip(names, columns)))
 
 
-def _map_actions(col: pa.ChunkedArray, mapping: dict[str, str], file: Path, column: str) -> pa.Array:
-    """Log behaviours -> project actions; an unknown behaviour is an error naming the file, column and value."""
+def _raise_invalid_row(file: Path, names: tuple[str, ...], header: bool, read: pcsv.ReadOptions,
+                       convert: pcsv.ConvertOptions) -> None:
+    """Raises the first row with the wrong number of fields (a truncated last line, a stray separator), if any.
+
+    Only a single-threaded read numbers invalid rows, so it runs on the error path only.
+    """
+    rows = []
+
+    def keep_first(row: pcsv.InvalidRow) -> str:
+        rows.append(row)
+        return "error"
+
+    read = pcsv.ReadOptions(column_names=read.column_names, block_size=read.block_size, use_threads=False)
+    try:
+        pcsv.read_csv(file, read_options=read, convert_options=convert,
+                      parse_options=pcsv.ParseOptions(invalid_row_handler=keep_first))
+    except pa.ArrowInvalid as exc:
+        if not rows:
+            return
+        row = rows[0]
+        columns = _header(file) if header else list(names)
+        where = (f"column '{columns[row.actual_columns]}' is missing" if row.actual_columns < len(columns)
+                 else f"extra field(s) after column '{columns[-1]}'")
+        raise SchemaError(f"{file}: line {row.number}: expected {row.expected_columns} fields, found "
+                          f"{row.actual_columns} ({where}; a truncated or malformed row): {row.text!r}") from exc
+
+
+def _header(file: Path) -> list[str]:
+    with file.open(encoding="utf-8", errors="replace") as fh:
+        return fh.readline().rstrip("\r\n").split(",")
+
+
+def _map_actions(col: pa.ChunkedArray, mapping: dict[str, str], file: Path, column: str,
+                 line_offset: int) -> pa.Array:
+    """Log behaviours -> project actions; an unknown behaviour is an error naming the file, column, line and value.
+
+    Args:
+        line_offset: the file line of row 0 (1, or 2 after a header).
+    """
     keys = pa.array(list(mapping))
     idx = pc.index_in(col, value_set=keys)
     if idx.null_count:
         bad = pc.unique(col.filter(pc.is_null(idx))).slice(0, 5).to_pylist()
-        raise SchemaError(f"{file}: column '{column}' has {idx.null_count} unknown value(s) {bad}; "
-                          f"allowed: {list(mapping)}")
+        raise SchemaError(f"{file}: column '{column}' has {idx.null_count} unknown value(s) {bad} (first at line "
+                          f"{first_row(pc.is_null(idx)) + line_offset}); allowed: {list(mapping)}")
     return pa.array(list(mapping.values())).take(idx.combine_chunks())
 
 
@@ -110,10 +153,11 @@ def _prefixed(col: pa.ChunkedArray | pa.Array, prefix: str) -> pa.ChunkedArray:
     return pc.binary_join_element_wise(prefix, pc.cast(col, pa.string()), "")
 
 
-def _check_not_null(table: pa.Table, file: Path, columns: tuple[str, ...]) -> None:
+def _check_not_null(table: pa.Table, file: Path, columns: tuple[str, ...], line_offset: int) -> None:
     for c in columns:
         if table[c].null_count:
-            raise SchemaError(f"{file}: column '{c}' has {table[c].null_count} empty value(s)")
+            raise SchemaError(f"{file}: column '{c}' has {table[c].null_count} empty value(s) (first at line "
+                              f"{first_row(pc.is_null(table[c])) + line_offset})")
 
 
 def _iso(ms: int) -> str:
@@ -167,10 +211,10 @@ def load_taobao(path: str | Path) -> Shop:
     types = {"user_id": pa.int64(), "item_id": pa.int64(), "category_id": pa.int64(), "behavior_type": pa.string(),
              "timestamp": pa.int64()}
     raw = _read_csv(file, TAOBAO_COLUMNS, types, header=False)
-    _check_not_null(raw, file, TAOBAO_COLUMNS)
+    _check_not_null(raw, file, TAOBAO_COLUMNS, line_offset=1)
     if raw.num_rows == 0:
         raise SchemaError(f"{file}: no rows")
-    action = _map_actions(raw["behavior_type"], TAOBAO_ACTIONS, file, "behavior_type")
+    action = _map_actions(raw["behavior_type"], TAOBAO_ACTIONS, file, "behavior_type", line_offset=1)
     item = _prefixed(raw["item_id"], "i")
     # An item keeps the category of its first row (Taobao gives each item one category; the first is stable).
     first = np.unique(raw["item_id"].to_numpy(), return_index=True)[1]
@@ -190,7 +234,7 @@ def _retailrocket_categories(folder: Path) -> dict[str, pa.Array] | None:
     parts = []
     for f in files:
         t = _read_csv(f, names, types, header=True)
-        _check_not_null(t, f, names)
+        _check_not_null(t, f, names, line_offset=2)
         parts.append(t.filter(pc.equal(t["property"], "categoryid")).select(["timestamp", "itemid", "value"]))
     props = pa.concat_tables(parts).sort_by([("itemid", "ascending"), ("timestamp", "ascending")])
     item = props["itemid"].to_numpy()
@@ -211,10 +255,10 @@ def load_retailrocket(path: str | Path) -> Shop:
     types = {"timestamp": pa.int64(), "visitorid": pa.int64(), "event": pa.string(), "itemid": pa.int64(),
              "transactionid": pa.string()}
     raw = _read_csv(file, RETAILROCKET_COLUMNS, types, header=True)
-    _check_not_null(raw, file, ("timestamp", "visitorid", "event", "itemid"))
+    _check_not_null(raw, file, ("timestamp", "visitorid", "event", "itemid"), line_offset=2)
     if raw.num_rows == 0:
         raise SchemaError(f"{file}: no rows")
-    action = _map_actions(raw["event"], RETAILROCKET_ACTIONS, file, "event")
+    action = _map_actions(raw["event"], RETAILROCKET_ACTIONS, file, "event", line_offset=2)
     return _shop_from_log(_prefixed(raw["visitorid"], "u"), _prefixed(raw["itemid"], "i"),
                           raw["timestamp"].to_numpy(), action, _retailrocket_categories(file.parent), file,
                           "retailrocket")
@@ -224,8 +268,9 @@ def _check_references(events: pa.Table, table: pa.Table, column: str, file: Path
     missing = pc.invert(pc.is_in(events[column], value_set=table[column].combine_chunks()))
     n_missing = pc.sum(missing).as_py() or 0
     if n_missing:
-        example = events[column].filter(missing)[0].as_py()
-        raise SchemaError(f"{file}: column '{column}' has {n_missing} value(s) not in {other}, e.g. {example!r}")
+        row = first_row(missing)
+        raise SchemaError(f"{file}: column '{column}' has {n_missing} value(s) not in {other}, first at row "
+                          f"{row + 1}, value {events[column][row].as_py()!r}")
 
 
 def load_parquet_folder(path: str | Path) -> Shop:
@@ -240,15 +285,15 @@ def load_parquet_folder(path: str | Path) -> Shop:
     catalog = read_table(folder / "catalog.parquet", CATALOG_SCHEMA)
     events_file = folder / "events.parquet"
     events = read_table(events_file, EVENTS_SCHEMA)
-    events = events.take(pc.sort_indices(events, sort_keys=[("timestamp", "ascending")]))
-    _check_references(events, catalog, "item_id", events_file, "catalog.parquet")
+    _check_references(events, catalog, "item_id", events_file, "catalog.parquet")  # before the sort: file rows
+    users = None
     if (folder / "users.parquet").is_file():
         users = read_table(folder / "users.parquet", USERS_SCHEMA)
         _check_references(events, users, "user_id", events_file, "users.parquet")
-    else:
+    events = events.take(pc.sort_indices(events, sort_keys=[("timestamp", "ascending")]))
+    if users is None:
         users = _users_from_events(events, events_file)
-    meta_file = folder / "shop.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_meta(folder / "shop.json")
     return Shop(catalog=catalog, users=users, events=events, meta={"source": "parquet", **meta})
 
 

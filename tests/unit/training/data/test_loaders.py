@@ -1,9 +1,12 @@
-"""Dataset loaders: each format from small files written here, mapped onto the project schemas; bad files rejected."""
+"""Dataset loaders: each format from small files written here, mapped onto the project schemas; bad files rejected
+with an error naming the file, the column and the line or row of the first bad value."""
+import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from training.data.features import time_ms
@@ -187,3 +190,127 @@ def test_unknown_format_and_missing_path_are_rejected(tmp_path: Path) -> None:
         load_dataset(tmp_path, "csv")
     with pytest.raises(SchemaError, match="no such file"):
         load_dataset(tmp_path / "absent.csv", "taobao")
+
+
+def _replace_line(lines: list[str], no: int, line: str) -> list[str]:
+    return lines[:no - 1] + [line] + lines[no:]
+
+
+def _assert_names(exc: pytest.ExceptionInfo, file: str, column: str | None, where: str | None) -> None:
+    msg = str(exc.value)
+    assert file in msg, msg
+    assert column is None or f"'{column}'" in msg, msg
+    assert where is None or re.search(rf"\b{where}\b", msg), msg
+
+
+TAOBAO_LINES = [",".join(str(v) for v in r) for r in TAOBAO_ROWS]
+
+
+@pytest.mark.parametrize(("lines", "column", "line"), [
+    pytest.param(TAOBAO_LINES + ["3,12,1"], "behavior_type", 6, id="truncated last line"),
+    pytest.param(_replace_line(TAOBAO_LINES, 3, "2,10,100,like,1511700000"), "behavior_type", 3,
+                 id="unknown behaviour"),
+    pytest.param(_replace_line(TAOBAO_LINES, 2, "1,11,101,pv,1511500000,9"), "timestamp", 2, id="extra field"),
+    pytest.param(_replace_line(TAOBAO_LINES, 4, "2,12,100,cart,yesterday"), "timestamp", 4, id="text timestamp"),
+    pytest.param(_replace_line(TAOBAO_LINES, 5, "3,12,1.5,buy,1511900000"), "category_id", 5, id="float id"),
+])
+def test_taobao_bad_input_names_file_column_and_line(tmp_path: Path, lines: list[str], column: str,
+                                                     line: int) -> None:
+    path = tmp_path / "UserBehavior.csv"
+    path.write_text("\n".join(lines))  # no final newline: a file cut off mid-write ends mid-line
+    with pytest.raises(SchemaError) as exc:
+        load_dataset(path, "taobao")
+    _assert_names(exc, "UserBehavior.csv", column, f"line {line}")
+
+
+RETAILROCKET_LINES = ["timestamp,visitorid,event,itemid,transactionid", "1433221332117,257597,view,355908,",
+                      "1433224214164,992329,view,248676,", "1433221999827,111016,addtocart,355908,",
+                      "1433222276276,257597,transaction,248676,4000"]
+PROPERTY_LINES = ["timestamp,itemid,property,value", "1431226800000,355908,categoryid,1173",
+                  "1431226800000,248676,categoryid,77"]
+
+
+@pytest.mark.parametrize(("file", "lines", "column", "line"), [
+    pytest.param("events.csv", RETAILROCKET_LINES + ["1433222276276,257597,trans"], "itemid", 6,
+                 id="truncated last line"),
+    pytest.param("events.csv", _replace_line(RETAILROCKET_LINES, 3, "1433224214164,992329,like,248676,"), "event", 3,
+                 id="unknown event"),
+    pytest.param("events.csv", _replace_line(RETAILROCKET_LINES, 4, "1433221999827,abc,addtocart,355908,"),
+                 "visitorid", 4, id="text visitor id"),
+    pytest.param("item_properties_part1.csv", PROPERTY_LINES + ["1431226800000,35"], "property", 4,
+                 id="truncated properties"),
+    pytest.param("item_properties_part1.csv", _replace_line(PROPERTY_LINES, 3, "1431226800000,x,categoryid,77"),
+                 "itemid", 3, id="text item id in properties"),
+])
+def test_retailrocket_bad_input_names_file_column_and_line(tmp_path: Path, file: str, lines: list[str],
+                                                           column: str, line: int) -> None:
+    _write(tmp_path / "events.csv", RETAILROCKET_LINES)
+    _write(tmp_path / "item_properties_part1.csv", PROPERTY_LINES)
+    (tmp_path / file).write_text("\n".join(lines))
+    with pytest.raises(SchemaError) as exc:
+        load_dataset(tmp_path, "retailrocket")
+    _assert_names(exc, file, column, f"line {line}")
+
+
+@pytest.fixture(scope="module")
+def tiny_shop():
+    return generate_shop("tiny", 0)
+
+
+def _with_value(values: list, row: int, value: object) -> list:
+    return values[:row - 1] + [value] + values[row:]
+
+
+BAD_PARQUET = [  # (file stem, column, the column as written from its values, 1-based row of the first bad value)
+    pytest.param("events", "action", lambda v: pa.array(_with_value(v, 7, "like")), 7, id="unknown action"),
+    pytest.param("events", "item_id", lambda v: pa.array(_with_value(v, 12, None)), 12, id="empty id"),
+    pytest.param("events", "user_id", lambda v: pa.array(_with_value(v, 9, "u-nobody")), 9, id="unknown user"),
+    pytest.param("events", "position", lambda v: pa.array(_with_value(v, 5, 2**40), type=pa.int64()), 5,
+                 id="int64 position too big for int32"),
+    pytest.param("catalog", "price", lambda v: pa.array(_with_value([str(p) for p in v], 1, "cheap")), 1,
+                 id="price as text"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["synthetic", "parquet"])
+@pytest.mark.parametrize(("stem", "column", "rewrite", "row"), BAD_PARQUET)
+def test_parquet_bad_value_names_file_column_and_row(tmp_path: Path, tiny_shop, fmt: str, stem: str, column: str,
+                                                     rewrite, row: int) -> None:
+    write_shop(tiny_shop, tmp_path)
+    file = tmp_path / f"{stem}.parquet"
+    table = pq.read_table(file)
+    values = table[column].to_pylist()
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, rewrite(values)), file)
+    with pytest.raises(SchemaError) as exc:
+        load_dataset(tmp_path, fmt)
+    _assert_names(exc, f"{stem}.parquet", column, f"row {row}")
+
+
+@pytest.mark.parametrize("fmt", ["synthetic", "parquet"])
+@pytest.mark.parametrize("stem", ["events", "catalog", "users"])
+def test_truncated_parquet_file_names_the_file(tmp_path: Path, tiny_shop, fmt: str, stem: str) -> None:
+    write_shop(tiny_shop, tmp_path)
+    data = (tmp_path / f"{stem}.parquet").read_bytes()
+    (tmp_path / f"{stem}.parquet").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SchemaError, match=rf"{stem}\.parquet.*truncated"):
+        load_dataset(tmp_path, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["synthetic", "parquet"])
+def test_truncated_shop_json_names_the_file_and_line(tmp_path: Path, tiny_shop, fmt: str) -> None:
+    write_shop(tiny_shop, tmp_path)
+    text = (tmp_path / "shop.json").read_text()
+    (tmp_path / "shop.json").write_text(text[:len(text) // 2])
+    with pytest.raises(SchemaError, match=r"shop\.json: not valid JSON at line \d+"):
+        load_dataset(tmp_path, fmt)
+
+
+def test_parquet_folder_rows_are_rows_of_the_file_not_of_the_time_sorted_events(tmp_path: Path, tiny_shop) -> None:
+    write_shop(tiny_shop, tmp_path)
+    events = pq.read_table(tmp_path / "events.parquet")
+    events = events.take(pa.array(np.arange(events.num_rows)[::-1]))  # latest first: sorting moves every row
+    items = _with_value(events["item_id"].to_pylist(), 3, "i-nowhere")
+    pq.write_table(events.set_column(1, "item_id", pa.array(items)), tmp_path / "events.parquet")
+    with pytest.raises(SchemaError) as exc:
+        load_dataset(tmp_path, "parquet")
+    _assert_names(exc, "events.parquet", "item_id", "row 3")
