@@ -39,6 +39,12 @@ GENRES_100K: tuple[str, ...] = (
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
 RATING_ACTIONS: dict[int, str] = {1: "view", 2: "view", 3: "click", 4: "add_to_cart", 5: "purchase"}
+# Column names as the MovieLens READMEs give them, so an error points at the documented field.
+RATING_COLUMNS = {"100k": ("user id", "item id", "rating", "timestamp"),
+                  "1m": ("UserID", "MovieID", "Rating", "Timestamp")}
+ITEM_COLUMNS_100K = ("movie id", "movie title", "release date", "video release date", "IMDb URL", *GENRES_100K)
+ITEM_COLUMNS_1M = ("MovieID", "Title", "Genres")
+USER_ID_COLUMN = {"100k": "user id", "1m": "UserID"}
 _TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
 
 _Movie = tuple[str, str, str, int | None]  # title, category, brand, release time in ms (None if unknown)
@@ -63,38 +69,55 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     return [(no, line) for no, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
-def _parse_ratings(path: Path, sep: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (user, item, rating, timestamp_s) int64 arrays; `sep=None` splits on whitespace (the 100K tab file)."""
+def _bad_line(path: Path, no: int, line: str, column: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: line {no}, column '{column}': {problem}: {line!r}")
+
+
+def _split(path: Path, no: int, line: str, sep: str | None, columns: tuple[str, ...]) -> list[str]:
+    """The fields of one line; a wrong count (a truncated line, a stray separator) names the first missing column."""
+    parts = line.split(sep)
+    if len(parts) < len(columns):
+        raise _bad_line(path, no, line, columns[len(parts)],
+                        f"expected {len(columns)} fields, found {len(parts)} (missing; a truncated or malformed line)")
+    if len(parts) > len(columns):
+        raise _bad_line(path, no, line, columns[-1], f"expected {len(columns)} fields, found {len(parts)} "
+                        "(extra fields after it)")
+    return parts
+
+
+def _int(path: Path, no: int, line: str, column: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _bad_line(path, no, line, column, f"{text!r} is not an integer") from None
+
+
+def _parse_ratings(path: Path, sep: str | None,
+                   columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (user, item, rating, timestamp_s, line number) int64 arrays; `sep=None` splits on whitespace (the 100K
+    tab file)."""
     rows = []
     for no, line in _read_lines(path):
-        parts = line.split(sep)
-        try:
-            if len(parts) != 4:
-                raise ValueError(f"expected 4 fields, found {len(parts)}")
-            row = tuple(int(p) for p in parts)
-        except ValueError as exc:
-            raise ValueError(f"{path}: line {no}: malformed rating {line!r}: {exc}") from exc
+        row = tuple(_int(path, no, line, c, p) for c, p in zip(columns, _split(path, no, line, sep, columns)))
         if row[2] not in RATING_ACTIONS:
-            raise ValueError(f"{path}: line {no}: rating {row[2]} outside 1..5")
-        rows.append(row)
+            raise _bad_line(path, no, line, columns[2], f"rating {row[2]} outside 1..5")
+        rows.append((*row, no))
     if not rows:
         raise ValueError(f"{path}: no ratings")
-    user, item, rating, ts = np.array(rows, dtype=np.int64).T
-    return user, item, rating, ts
+    user, item, rating, ts, line_no = np.array(rows, dtype=np.int64).T
+    return user, item, rating, ts, line_no
 
 
 def _parse_items_100k(path: Path) -> dict[int, _Movie]:
     movies = {}
     for no, line in _read_lines(path):
-        parts = line.split("|")
+        parts = _split(path, no, line, "|", ITEM_COLUMNS_100K)
+        movie_id, title, release = _int(path, no, line, "movie id", parts[0]), parts[1], parts[2].strip()
+        flags = [_int(path, no, line, g, f) for g, f in zip(GENRES_100K, parts[5:])]
         try:
-            if len(parts) != 5 + len(GENRES_100K):
-                raise ValueError(f"expected {5 + len(GENRES_100K)} fields, found {len(parts)}")
-            movie_id, title, release = int(parts[0]), parts[1], parts[2].strip()
-            flags = [int(f) for f in parts[5:]]
             released = datetime.strptime(release, "%d-%b-%Y") if release else None
-        except ValueError as exc:
-            raise ValueError(f"{path}: line {no}: malformed movie {line!r}: {exc}") from exc
+        except ValueError:
+            raise _bad_line(path, no, line, "release date", f"{release!r} is not a date like 01-Jan-1995") from None
         genres = [g for g, flag in zip(GENRES_100K, flags) if flag]
         year = _title_year(title) or (released.year if released else None)
         movies[movie_id] = (title, genres[0] if genres else "unknown", _decade(year), _ms(released) if released else None)
@@ -104,27 +127,16 @@ def _parse_items_100k(path: Path) -> dict[int, _Movie]:
 def _parse_items_1m(path: Path) -> dict[int, _Movie]:
     movies = {}
     for no, line in _read_lines(path):
-        parts = line.split("::")
-        try:
-            if len(parts) != 3:
-                raise ValueError(f"expected 3 fields, found {len(parts)}")
-            movie_id, title, genres = int(parts[0]), parts[1], parts[2].strip()
-        except ValueError as exc:
-            raise ValueError(f"{path}: line {no}: malformed movie {line!r}: {exc}") from exc
+        parts = _split(path, no, line, "::", ITEM_COLUMNS_1M)
+        movie_id, title, genres = _int(path, no, line, "MovieID", parts[0]), parts[1], parts[2].strip()
         year = _title_year(title)
         category = genres.split("|")[0] if genres and genres != "(no genres listed)" else "unknown"
         movies[movie_id] = (title, category, _decade(year), _ms(datetime(year, 1, 1)) if year else None)
     return movies
 
 
-def _parse_user_ids(path: Path, sep: str) -> list[int]:
-    ids = []
-    for no, line in _read_lines(path):
-        try:
-            ids.append(int(line.split(sep)[0]))
-        except ValueError as exc:
-            raise ValueError(f"{path}: line {no}: malformed user {line!r}: {exc}") from exc
-    return ids
+def _parse_user_ids(path: Path, sep: str, column: str) -> list[int]:
+    return [_int(path, no, line, column, line.split(sep)[0]) for no, line in _read_lines(path)]
 
 
 def _locate(path: Path) -> tuple[str, Path]:
@@ -154,7 +166,8 @@ def load_movielens(path: str | Path) -> Shop:
 
     Raises:
         FileNotFoundError: neither layout is present, or the movies file is missing.
-        ValueError: a malformed line (the message names the file and line number), or ratings of unknown movies.
+        ValueError: a malformed or truncated line, or ratings of unknown movies; the message names the file, the line
+            number and the column (as the MovieLens README names it).
     """
     fmt, folder = _locate(Path(path))
     ratings_file, items_file, users_file, sep = (
@@ -162,13 +175,16 @@ def load_movielens(path: str | Path) -> Shop:
     )
     if not (folder / items_file).is_file():
         raise FileNotFoundError(f"{folder}: found {ratings_file} but not {items_file} (MovieLens {fmt} layout)")
-    user, item, rating, ts = _parse_ratings(folder / ratings_file, None if fmt == "100k" else "::")
+    user, item, rating, ts, line_no = _parse_ratings(folder / ratings_file, None if fmt == "100k" else "::",
+                                                     RATING_COLUMNS[fmt])
     movies = (_parse_items_100k if fmt == "100k" else _parse_items_1m)(folder / items_file)
 
-    unknown = np.setdiff1d(item, np.fromiter(movies, dtype=np.int64))
-    if len(unknown):
-        raise ValueError(f"{folder / ratings_file}: {len(unknown)} rated movie id(s) not in {items_file}, "
-                         f"e.g. {int(unknown[0])}")
+    unknown = ~np.isin(item, np.fromiter(movies, dtype=np.int64))
+    if unknown.any():
+        first = int(np.argmax(unknown))
+        raise ValueError(f"{folder / ratings_file}: line {line_no[first]}, column '{RATING_COLUMNS[fmt][1]}': "
+                         f"{len(np.unique(item[unknown]))} rated movie id(s) not in {items_file}, e.g. "
+                         f"{int(item[first])}")
     ts_ms = ts * 1000
     order = np.argsort(ts_ms, kind="stable")  # stable keeps file order among equal timestamps
     user, item, rating, ts_ms = user[order], item[order], rating[order], ts_ms[order]
@@ -188,7 +204,7 @@ def load_movielens(path: str | Path) -> Shop:
 
     user_ids = set(user.tolist())
     if (folder / users_file).is_file():
-        user_ids |= set(_parse_user_ids(folder / users_file, sep))
+        user_ids |= set(_parse_user_ids(folder / users_file, sep, USER_ID_COLUMN[fmt]))
     user_ids = sorted(user_ids)
     n_users = len(user_ids)
     users = pa.table({"user_id": [f"u{u}" for u in user_ids], "country": ["unknown"] * n_users,

@@ -1,5 +1,7 @@
-"""MovieLens 100K and 1M folders load into a valid Shop with the documented mapping."""
+"""MovieLens 100K and 1M folders load into a valid Shop with the documented mapping; a bad line is refused with an
+error naming the file, the line and the column."""
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -110,7 +112,7 @@ def test_malformed_rating_line_names_file_and_line(tmp_path) -> None:
 
 def test_rating_outside_one_to_five_is_rejected(tmp_path) -> None:
     write_1m(tmp_path, ratings="1::1::5::978300760\n1::2::2::978302109\n1::3::9::978302110\n")
-    with pytest.raises(ValueError, match=r"ratings.dat: line 3: rating 9"):
+    with pytest.raises(ValueError, match=r"ratings.dat: line 3, column 'Rating': rating 9"):
         load_movielens(tmp_path)
 
 
@@ -123,7 +125,8 @@ def test_malformed_movie_line_names_file_and_line(tmp_path) -> None:
 
 def test_rating_of_unknown_movie_is_rejected(tmp_path) -> None:
     write_1m(tmp_path, ratings="1::1::5::978300760\n1::99::2::978302109\n")
-    with pytest.raises(ValueError, match=r"not in movies.dat, e.g. 99"):
+    with pytest.raises(ValueError, match=r"ratings.dat: line 2, column 'MovieID': 1 rated .* not in movies.dat, "
+                                         r"e.g. 99"):
         load_movielens(tmp_path)
 
 
@@ -135,4 +138,43 @@ def test_empty_folder_names_the_files_it_looked_for(tmp_path) -> None:
 def test_missing_movies_file_is_named(tmp_path) -> None:
     (tmp_path / "ratings.dat").write_text("1::1::5::978300760\n")
     with pytest.raises(FileNotFoundError, match="movies.dat"):
+        load_movielens(tmp_path)
+
+
+ITEMS_100K = (f"1|Toy Story (1995)|01-Jan-1995||http://x|{TOY_STORY_FLAGS}\n"
+              f"2|Heat (1995)|15-Dec-1995||http://y|{NO_GENRE_FLAGS}\n")
+
+
+@pytest.mark.parametrize(("write", "file", "text", "column", "line"), [
+    pytest.param(write_100k, "u.data", "1\t1\t5\t881250949\n2\t2\t3\t881250000\n1\t3\t1\t881251000\n2\t1\t4",
+                 "timestamp", 4, id="100k truncated ratings"),
+    pytest.param(write_100k, "u.data", "1\t1\t5\t881250949\n1\t2\tfive\t881250950\n", "rating", 2,
+                 id="100k text rating"),
+    pytest.param(write_100k, "u.data", "1\t1\t5\t881250949\n\n1\t2\t3\t881250950\t7\n", "timestamp", 3,
+                 id="100k extra field after a blank line"),
+    pytest.param(write_100k, "u.item", ITEMS_100K + "3|unknown|||http://z|0|0", "Adventure", 3,
+                 id="100k truncated movies"),
+    pytest.param(write_100k, "u.item", ITEMS_100K.replace("15-Dec-1995", "32-Foo-1995"), "release date", 2,
+                 id="100k bad date"),
+    pytest.param(write_100k, "u.item", ITEMS_100K.replace("2|Heat", "two|Heat"), "movie id", 2,
+                 id="100k text movie id"),
+    pytest.param(write_100k, "u.user", "1|24|M|technician|85711\nx|53|F|other|94043\n", "user id", 2,
+                 id="100k text user id"),
+    pytest.param(write_1m, "ratings.dat", "1::1::5::978300760\n1::2::2::978302109\n2::3::", "Timestamp", 3,
+                 id="1m truncated ratings"),
+    pytest.param(write_1m, "ratings.dat", "1::1::5::978300760\n1::x::2::978302109\n", "MovieID", 2,
+                 id="1m text movie id"),
+    pytest.param(write_1m, "ratings.dat", "1::1::5::978300760\n1::2::2.5::978302109\n", "Rating", 2,
+                 id="1m fractional rating"),
+    pytest.param(write_1m, "movies.dat", "1::Toy Story (1995)::Animation\n2::Heat (1995)", "Genres", 2,
+                 id="1m truncated movies"),
+    pytest.param(write_1m, "movies.dat", "1::Toy Story (1995)::Animation\n2::Heat::(1995)::Action\n", "Genres", 2,
+                 id="1m stray separator"),
+    pytest.param(write_1m, "users.dat", "1::F::1::10::48067\nu2::M::56::16::70072\n", "UserID", 2,
+                 id="1m text user id"),
+])
+def test_a_bad_line_names_file_column_and_line(tmp_path, write, file: str, text: str, column: str, line: int) -> None:
+    write(tmp_path)
+    (tmp_path / file).write_text(text)  # the truncated ones end mid-line, as a file cut off mid-write does
+    with pytest.raises(ValueError, match=rf"{re.escape(file)}: line {line}, column '{re.escape(column)}'"):
         load_movielens(tmp_path)
