@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,10 +24,13 @@ MANIFEST = "manifest.json"
 # 2: model class paths in config.json, action ages and query tokens in the model inputs, in_stock in items.parquet.
 # 3: models under training/models/ (new class paths), the retrieval model's name and condition settings in config.json.
 BUNDLE_FORMAT = 3
+# What `write_bundle` writes; a manifest that lists fewer belongs to a partial bundle.
+BUNDLE_FILES = ("config.json", "items.parquet", "metrics.json", "ranker.pt", "two_tower.pt", "vocab.json")
+T = TypeVar("T")
 
 
-class BundleError(RuntimeError):
-    """A bundle is missing, incomplete or does not match its manifest."""
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupt or does not match its manifest; the message names the file."""
 
 
 def check_version(version: str) -> str:
@@ -106,7 +112,11 @@ class Bundle:
         from training.fit.train_loop import build_model  # lazy: the model modules import torch-heavy code
 
         model = build_model(self.config["classes"][role], self.config[role])
-        model.load_state_dict(torch.load(self.path / f"{role}.pt", weights_only=True))
+        file = self.path / f"{role}.pt"
+        try:
+            model.load_state_dict(torch.load(file, weights_only=True))
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:  # torch's words for a bad file
+            raise BundleError(f"{file}: cannot load the {role} weights (truncated or corrupt?): {exc}") from exc
         return model.eval()
 
     def two_tower(self) -> torch.nn.Module:
@@ -118,21 +128,43 @@ class Bundle:
         return self._model("ranker")
 
 
+def _parse(file: Path, parse: Callable[[Path], T]) -> T:
+    try:
+        return parse(file)
+    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:  # JSON, Arrow and field errors
+        raise BundleError(f"{file}: cannot be read (truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Reads a bundle; with `verify`, every file must match the sha256 in its manifest."""
+    """Reads a bundle; with `verify`, every file must match the sha256 in its manifest.
+
+    Raises:
+        BundleError: the manifest is missing or unreadable, of another format, or lists fewer files than a bundle
+            holds; a listed file is missing, does not match its checksum, or cannot be parsed. The message names
+            the file.
+    """
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
         raise BundleError(f"{path}: no {MANIFEST}; not a bundle (train one with `recsys train`)")
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = _parse(manifest_file, lambda f: json.loads(f.read_text()))
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise BundleError(f"{manifest_file}: expected a JSON object with a 'files' object of sha256 digests")
     if manifest.get("format", 1) != BUNDLE_FORMAT:
         raise BundleError(f"{path}: bundle format {manifest.get('format', 1)}, this code reads format {BUNDLE_FORMAT}; "
                           "train the version again")
-    for name, digest in manifest["files"].items():
+    files = manifest.get("files", {})
+    unlisted = [name for name in BUNDLE_FILES if name not in files]
+    if unlisted:
+        raise BundleError(f"{manifest_file}: lists no {unlisted}; a partial bundle, train the version again")
+    for name, digest in files.items():
         f = path / name
         if not f.is_file():
-            raise BundleError(f"{path}: file {name} listed in the manifest is missing")
+            raise BundleError(f"{f}: listed in {MANIFEST} but missing; a partial bundle, train the version again")
         if verify and sha256_of(f) != digest:
-            raise BundleError(f"{path}: checksum of {name} does not match the manifest; the bundle was modified")
-    items = pq.read_table(path / "items.parquet")
-    space = FeatureSpace.from_json((path / "vocab.json").read_text(), items.column("item_id").to_pylist())
-    return Bundle(path, manifest, space, items, json.loads((path / "config.json").read_text()))
+            raise BundleError(f"{f}: checksum does not match {MANIFEST}; the bundle was modified or truncated")
+    items = _parse(path / "items.parquet", pq.read_table)
+    item_ids = _parse(path / "items.parquet", lambda f: items.column("item_id").to_pylist())
+    space = _parse(path / "vocab.json", lambda f: FeatureSpace.from_json(f.read_text(), item_ids))
+    config = _parse(path / "config.json", lambda f: json.loads(f.read_text()))
+    return Bundle(path, manifest, space, items, config)
