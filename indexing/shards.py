@@ -175,11 +175,23 @@ class FaissShard:
 
     @classmethod
     def load(cls, path: str, sha256: str | None = None, spec: IndexSpec = IndexSpec()) -> "FaissShard":
-        """A shard read back from `save` (built from `spec`); with `sha256`, a file that does not match is refused."""
+        """A shard read back from `save` (built from `spec`); with `sha256`, a file that does not match is refused.
+
+        Raises:
+            FileNotFoundError: no file at `path`.
+            ValueError: the file does not match `sha256`, or FAISS cannot read it (truncated or corrupt).
+        """
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"index shard {path}: missing; run `recsys index` for its bundle")
         data = Path(path).read_bytes()
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise ValueError(f"index shard {path}: checksum does not match the index manifest")
-        shard = cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)).d, spec, data)
+            raise ValueError(f"index shard {path}: checksum does not match the index manifest; the file was "
+                             "modified or truncated")
+        try:
+            d = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)).d
+        except RuntimeError as exc:  # faiss's read error, e.g. a file cut short
+            raise ValueError(f"index shard {path}: FAISS cannot read it (truncated or corrupt?): {exc}") from exc
+        shard = cls(d, spec, data)
         shard._mark(stored_ids(shard.index), True)
         return shard
 

@@ -248,3 +248,39 @@ def test_a_filtered_search_returns_only_allowed_items_and_k_of_them_when_k_exist
     few[[7, 8, 9]] = True
     _, I = shard.search(xq[:1], 10, pack_allowed(few))
     assert sorted(I[0][I[0] >= 0].tolist()) == [7, 8, 9] and (I[0][3:] == -1).all()
+
+
+@pytest.fixture
+def saved_shard(tmp_path):
+    shard = FaissShard(DIM)
+    shard.add(*random_items(6, 50))
+    path = tmp_path / "shard-0.faiss"
+    return path, shard.save(str(path))
+
+
+@pytest.mark.parametrize("damage", ["one changed byte", "truncated", "emptied"])
+def test_a_changed_or_truncated_shard_file_is_refused_naming_it(saved_shard, damage):
+    path, digest = saved_shard
+    data = bytearray(path.read_bytes())
+    if damage == "one changed byte":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[:len(data) // 2] if damage == "truncated" else bytearray()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"index shard .*{path.name}: checksum does not match"):
+        FaissShard.load(str(path), digest)
+    if damage != "one changed byte":  # without a checksum FAISS itself notices a short file
+        with pytest.raises(ValueError, match=rf"index shard .*{path.name}: FAISS cannot read it"):
+            FaissShard.load(str(path))
+
+
+def test_a_missing_shard_file_is_refused_naming_it(saved_shard):
+    from indexing.embed import load_shards
+
+    path, digest = saved_shard
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"index shard .*{path.name}: missing"):
+        FaissShard.load(str(path), digest)
+    manifest = {"version": "v1", "shards": [{"file": path.name, "sha256": digest, "ntotal": 50}]}
+    with pytest.raises(FileNotFoundError, match=rf"index shard .*{path.name}: missing"):
+        load_shards(path.parent, manifest)
