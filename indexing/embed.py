@@ -217,4 +217,11 @@ def read_index_manifest(bundle_dir: str | Path) -> dict:
     path = Path(bundle_dir) / INDEX_MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index for this bundle; run `recsys index --bundle {bundle_dir}`")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable index manifest ({e}); rebuild it with `recsys index --bundle "
+                         f"{bundle_dir}`") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path}: an index manifest needs a 'shards' list; rebuild it with `recsys index`")
+    return manifest
