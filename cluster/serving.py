@@ -52,9 +52,9 @@ def seed_online_store(shop_dir: str | Path, store: str = EMBEDDED) -> dict[str, 
 
     import ray
 
-    events = read_shop(shop_dir).events
     if store == EMBEDDED:
-        return ray.get(create_store(events).stats.remote())
+        return ray.get(create_store(str(Path(shop_dir).resolve())).stats.remote())
+    events = read_shop(shop_dir).events
 
     async def seed() -> dict[str, Any]:
         redis = RedisActions(store)

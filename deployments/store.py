@@ -57,8 +57,9 @@ class RecentActions:
     purchase time per item and the views; plus the bounded log of posted events."""
 
     def __init__(self, max_recent: int = MAX_RECENT, max_views: int = MAX_VIEWS, max_log: int = MAX_LOG,
-                 seed_events: pa.Table | None = None) -> None:
-        """seed_events: the shop's history, loaded first (again after every restart of the actor)."""
+                 seed_events: pa.Table | None = None, seed_dir: str | None = None) -> None:
+        """seed_events, or the events of the shop folder seed_dir: the history loaded first (a path, not a table,
+        for the actor: its constructor runs again on every restart, long after the caller's table is gone)."""
         self.max_recent, self.max_views = max_recent, max_views
         self._recent: dict[str, deque[tuple[str, str, float]]] = {}
         self._bought: dict[str, dict[str, float]] = {}
@@ -66,6 +67,10 @@ class RecentActions:
         self._view_counts: dict[str, int] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=max_log)
         self.n_events = self.n_views = 0
+        if seed_dir is not None:
+            from training.data.schemas import read_shop
+
+            seed_events = read_shop(seed_dir).events
         if seed_events is not None:
             self.load_events(seed_events)
 
@@ -155,12 +160,13 @@ def open_store(spec: str = EMBEDDED) -> StoreClient:
     raise ValueError(f"serving.store must be 'embedded' or a redis:// URL, got {spec!r}")
 
 
-def create_store(events: pa.Table | None = None, cpus: float = 0.05) -> ray.actor.ActorHandle:
-    """The named embedded store actor, created on first use and seeded with the shop's history (`events`).
+def create_store(shop_dir: str | None = None, cpus: float = 0.05) -> ray.actor.ActorHandle:
+    """The named embedded store actor, created on first use and seeded with the history of the shop in `shop_dir`
+    (a path every node can read).
 
     It restarts without limit when its process dies, re-seeding itself from the same history; calls made while it
     restarts fail fast (the ingress then answers from the request's context, flagged), never hang.
     """
     return ray.remote(RecentActions).options(
         name=STORE_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=cpus,
-        max_restarts=-1, max_task_retries=0).remote(seed_events=events)
+        max_restarts=-1, max_task_retries=0).remote(seed_dir=shop_dir)
