@@ -14,6 +14,7 @@ clients and operators, and the request body limit.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -23,10 +24,13 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from training.request.policy_config import PolicyConfig
+
 API_KEYS_ENV = "RECSYS_API_KEYS"
 API_KEY_HEADER = "X-API-Key"
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 10,000 events of ~100 bytes fit
 CLIENT_POLICY_FIELDS = frozenset({"bought_down_sort", "bought_window_days", "brand_diversity", "max_brand_run"})
+POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyConfig))
 
 
 def digest(secret: str) -> str:
@@ -57,8 +61,9 @@ def check_api_key(given: str | None, digests: frozenset[str]) -> None:
 
 
 def operator_fields(overrides: dict[str, Any] | None) -> list[str]:
-    """The override fields of a request that only an operator may set."""
-    return sorted(set(overrides or {}) - CLIENT_POLICY_FIELDS)
+    """The override fields of a request that only an operator may set (unknown names are left to the policy's own
+    validation, a 422 naming them)."""
+    return sorted((set(overrides or {}) & POLICY_FIELDS) - CLIENT_POLICY_FIELDS)
 
 
 def forbidden(fields: list[str]) -> HTTPException:

@@ -107,7 +107,7 @@ def test_posted_events_are_visible_to_the_next_recommend(tiny_stack):
 
     catalog = read_shop(tiny_stack["shop"]).catalog.column("item_id").to_pylist()
     events = [{"user_id": user, "item_id": catalog[i], "action": "click"} for i in range(5)]
-    assert post(tiny_stack, "/events", {"events": events}).json() == {"accepted": 5}
+    assert post(tiny_stack, "/events", {"events": events}).json() == {"accepted": 5, "durable": False}
     body = post(tiny_stack, "/recommend", {"user_id": user, "k": 50, "version": "v1"}).json()
     assert body["cold_start"] is False
     top = body["items"][0]["item_id"]

@@ -112,11 +112,12 @@ def test_exploration_is_reproducible_for_a_request_id(admin_stack):
     # Every item counts as new (10 years) so exploration always has a pool, whatever today's date.
     body = {"user_id": user, "k": 12, "request_id": "req-42",
             "policy": {"explore_epsilon": 1.0, "explore_slots": [2, 5], "new_item_days": 3650}}
-    a, b = post(admin_stack, "/recommend", body).json(), post(admin_stack, "/recommend", body).json()
+    assert post(admin_stack, "/recommend", body).status_code == 403  # exploration is an operator's setting
+    a, b = post(admin_stack, "/recommend", body, AUTH).json(), post(admin_stack, "/recommend", body, AUTH).json()
     assert a["request_id"] == "req-42"
     assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
     assert [a["items"][j]["reason"] for j in (2, 5)] == ["policy:explore"] * 2
-    others = {tuple(i["item_id"] for i in post(admin_stack, "/recommend", {**body, "request_id": f"r{s}"}).json()
+    others = {tuple(i["item_id"] for i in post(admin_stack, "/recommend", {**body, "request_id": f"r{s}"}, AUTH).json()
                     ["items"]) for s in range(6)}
     assert len(others) > 1
 
