@@ -89,7 +89,7 @@ def _replay(args: argparse.Namespace) -> None:
                                        default=float))
 
 
-BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index")  # modules of bench/, each with main(argv)
+BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reliability")  # modules of bench/, each with main(argv)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--store", choices=("embedded", "redis"), default=None,
                        help="online store (default from config: serving.store): embedded (in memory, lost on "
                             "restart) or redis (durable; a local redis-server is installed and started if none answers)")
-        d.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="with --store redis")
+        d.add_argument("--redis-url", default="redis://127.0.0.1:6380/0", help="with --store redis")
         d.set_defaults(func=lambda a, keep=keep: _demo(a, keep_serving=keep))
     return p
 

@@ -2,8 +2,8 @@
 
 The tests that need Redis, `recsys serve --store redis` and CI all start it through this module, the same way:
 
-    python -m cluster.redis_server start --port 6379 --dir data/redis    # daemonized, returns when it answers PING
-    python -m cluster.redis_server stop --port 6379
+    python -m cluster.redis_server start --port 6380 --dir data/redis    # daemonized, returns when it answers PING
+    python -m cluster.redis_server stop --port 6380
 
 Persistence: `appendonly yes` with `appendfsync always`, so an event `/events` acknowledged is on disk before the
 answer (Redis groups the fsync of one event-loop turn, so a batch of events costs one fsync, not one each). The data
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PORT = 6379
+DEFAULT_PORT = 6380  # not 6379: that is the GCS port of `ray start --head`
 START_TIMEOUT_S = 30.0
 
 
