@@ -203,7 +203,15 @@ def run_demo(cfg: RecsysConfig, keep_serving: bool = False) -> dict[str, Any]:
     with phases.timed("deploy"):
         url = deploy(cfg, shop_dir, bundles)
     with phases.timed("http requests"):
-        report = send_traffic(url, cfg, shop_dir)
+        try:
+            report = send_traffic(url, cfg, shop_dir)
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            if not keep_serving:
+                raise
+            # `recsys serve`: a failed warm-up request is reported, never the end of the service (and of the
+            # embedded cluster that lives in this process)
+            console.print(f"[bold red]warm-up[/] a request failed ({type(e).__name__}: {e}); still serving")
+            report = {"error": f"{type(e).__name__}: {e}"}
     console.print(phases.table())
     console.rule(f"demo done in {time.perf_counter() - t0:.0f}s")
     if keep_serving:
