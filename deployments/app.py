@@ -20,6 +20,7 @@ class ServingConfig:
     port: int = 8000  # Serve's default HTTP port
     candidates: int = 500  # retrieved per request and ranked
     replica_cpus: float = 0.1  # fractional: a 2-core machine hosts every stage of two versions
+    min_replicas: int = 1  # autoscaling floor per deployment; 2 lets a replica die without failing a request
     max_replicas: int = 4  # autoscaling ceiling per deployment
     threads: int = 1  # torch threads per model replica; scale out with replicas, not threads
     # Where a retrieval replica searches the index (indexing.embed.index_layout): auto holds it in process when it
@@ -44,7 +45,8 @@ class ServingConfig:
 
 
 def _autoscaling(cfg: ServingConfig, target: int) -> dict[str, Any]:
-    return {"min_replicas": 1, "max_replicas": cfg.max_replicas, "target_ongoing_requests": target}
+    return {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
+            "target_ongoing_requests": target}
 
 
 def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Application:

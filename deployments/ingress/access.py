@@ -83,8 +83,7 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def _refuse(self, send: Any) -> None:
-        body = json.dumps({"detail": [{"loc": ["body"], "type": "too_large",
-                                       "msg": f"request body over {self.max_bytes} bytes"}]}).encode()
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

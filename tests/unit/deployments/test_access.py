@@ -58,7 +58,7 @@ def echo():
 def test_a_body_over_the_limit_is_a_413_by_length_or_while_streaming(echo):
     assert echo.post("/echo", json={"s": "x" * 50}).json() == {"n": 50}
     big = echo.post("/echo", json={"s": "x" * 200})
-    assert big.status_code == 413 and big.json()["detail"][0]["loc"] == ["body"]
+    assert big.status_code == 413 and "over 100 bytes" in big.json()["detail"]
 
     def chunks():  # no Content-Length: the limit trips on the bytes received
         yield b'{"s": "'
