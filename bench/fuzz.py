@@ -27,11 +27,13 @@ INPUT_CHARS = 2000  # a generated body past this is kept as its cut repr: the ex
 # A plain-string detail is enough where the status itself says what was wrong (no or a wrong credential, no such
 # thing, wrong method, too large); a 400 or 422 must point at the field.
 STRING_DETAIL_STATUSES = frozenset({401, 403, 404, 405, 413})
+LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})  # where FastAPI says a bad value was
 
 
 def names_field(status: int, content: bytes) -> bool:
-    """Whether a 4xx answer names what was wrong: FastAPI's `{"detail": [{"loc": ["body", "k"], ...}]}` with a
-    field below the top level in every item, or a non-empty string detail for the statuses that need no field."""
+    """Whether a 4xx answer names what was wrong: FastAPI's `{"detail": [{"loc": ["body", "k"], ...}]}` where every
+    item locates its field (`["body"]` alone names the whole body: missing, or not a JSON object), or a non-empty
+    string detail for the statuses that need no field."""
     try:
         detail = json.loads(content)["detail"]
     except (ValueError, TypeError, KeyError):  # not JSON (UnicodeDecodeError is a ValueError), or no detail
@@ -39,7 +41,8 @@ def names_field(status: int, content: bytes) -> bool:
     if isinstance(detail, str):
         return status in STRING_DETAIL_STATUSES and bool(detail.strip())
     return (isinstance(detail, list) and bool(detail)
-            and all(isinstance(d, dict) and isinstance(d.get("loc"), list) and len(d["loc"]) > 1 for d in detail))
+            and all(isinstance(d, dict) and isinstance(d.get("loc"), list) and d["loc"]
+                    and d["loc"][0] in LOCATIONS for d in detail))
 
 
 def _jsonable(value: Any) -> Any:

@@ -129,14 +129,15 @@ def ray_rss_mb() -> dict[str, float]:
 
 
 def _replica_actor(app: str, deployment: str) -> Any:
+    """A live replica actor of the deployment, by the name Serve gives it (SERVE_REPLICA::<app>#<deployment>#<id>;
+    the GCS lists named actors, no dashboard needed)."""
     import ray
-    from ray.util.state import list_actors
 
-    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-             if a.class_name == f"ServeReplica:{app}:{deployment}"]
-    if not alive:
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    if not named:
         raise RuntimeError(f"no live replica of {app}/{deployment}")
-    return ray.get_actor(alive[0].name, namespace=alive[0].ray_namespace)
+    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
 
 
 def kill_replica(app: str, deployment: str) -> Callable[[float], None]:

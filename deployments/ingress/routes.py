@@ -7,14 +7,17 @@ decoration time, and string annotations there are not resolved (the request body
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 import uuid
 from datetime import timezone
 from typing import Any
 
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
@@ -33,6 +36,31 @@ from training.request.policy_config import PolicyConfig
 
 app = FastAPI(title="recsys", description="Multi-stage recommendations: retrieval, ranking, policy.")
 app.add_middleware(BodyLimit)
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error may quote a string with an unpaired surrogate, which
+    UTF-8 cannot encode (FastAPI's own 422 answer then fails with a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field (`loc`), without echoing the input back (it may be huge or not encodable)."""
+    return _AsciiJSON({"detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                                  for e in exc.errors()]}, status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's bare 400 for a body it cannot even decode becomes a 422 naming the body; every other error keeps
+    its status, detail and headers."""
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return _AsciiJSON({"detail": [{"loc": ["body"], "msg": "the body is not decodable JSON",
+                                       "type": "json_invalid"}]}, status_code=422)
+    return _AsciiJSON({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 USER_CONFIG_KEYS = ("versions", "policy", "admin_token_sha256", "api_keys_sha256", "candidates", "stage_timeout_s",
                     "store_timeout_s")
 CANDIDATES = 500  # retrieved per request and ranked

@@ -114,7 +114,9 @@ def test_the_cli_writes_what_fuzz_returns_for_the_same_seed(base_url, tmp_path, 
 @pytest.mark.parametrize("status, body, named", [
     (422, {"detail": [{"loc": ["body", "quantity"], "msg": "too large"}]}, True),
     (422, {"detail": [{"loc": ["body", 0], "msg": "JSON decode error"}]}, True),
-    (422, {"detail": [{"loc": ["body"], "msg": "Field required"}]}, False),
+    (422, {"detail": [{"loc": ["body"], "msg": "Field required"}]}, True),  # the body itself is missing
+    (422, {"detail": [{"loc": ["nowhere", "k"], "msg": "?"}]}, False),
+    (422, {"detail": [{"loc": [], "msg": "?"}]}, False),
     (422, {"detail": [{"loc": ["query", "k"]}, {"msg": "no loc"}]}, False),
     (422, {"detail": "policy: bad value"}, False),
     (400, {"detail": "There was an error parsing the body"}, False),
