@@ -1,6 +1,7 @@
 """Serving operations: start Serve, deploy a version's application, (re)deploy the ingress with new weights."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,21 @@ def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cf
     start before old ones stop: no request fails); live policy changes that must not roll anything go through the
     admin endpoint instead (see `deployments.ingress`).
     """
-    serve.run(build_ingress_app(versions, policy, cfg, admin_token_sha256), name=INGRESS_APP, route_prefix="/",
-              logging_config=QUIET)
+    serve.run(build_ingress_app(versions, policy, cfg, admin_token_sha256, live_routing_table()), name=INGRESS_APP,
+              route_prefix="/", logging_config=QUIET)
+
+
+def live_routing_table() -> list[list[Any]] | None:
+    """The running ingress's routing table (runs), or None when no ingress runs: a new split is made from it, so a
+    re-weighting moves only the users it must (deployments.ingress.routing)."""
+    if INGRESS_APP not in serve.status().applications:
+        return None
+    try:
+        return serve.get_app_handle(INGRESS_APP).routing_table.remote().result(timeout_s=30)
+    except Exception as e:  # noqa: BLE001 - an ingress that cannot answer: the split starts afresh, said aloud
+        logging.getLogger(__name__).warning(f"the live routing table could not be read ({type(e).__name__}: {e}); "
+                                            "the new split is made without it, so some users may change version")
+        return None
 
 
 def seed_online_store(shop_dir: str | Path, store: str = EMBEDDED) -> dict[str, Any]:

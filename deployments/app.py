@@ -60,16 +60,19 @@ def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Appl
 
 
 def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,
-                      admin_token_sha256: str | None = None) -> Application:
+                      admin_token_sha256: str | None = None, buckets: list[list[Any]] | None = None) -> Application:
     """The HTTP application: the Ingress, with versions, policy and the candidate count as its user_config.
 
     `admin_token_sha256` (hex sha256 of the admin bearer token) enables `/admin/policy`; without it the ingress reads
-    the token from RECSYS_ADMIN_TOKEN, and with neither the admin endpoint refuses every call.
+    the token from RECSYS_ADMIN_TOKEN, and with neither the admin endpoint refuses every call. `buckets`, the live
+    routing table (runs), makes the new split move users only from versions that shrink to versions that grow.
     """
     user_config = {"versions": dict(versions), "policy": dict(policy or {}), "candidates": cfg.candidates,
                    "stage_timeout_s": cfg.stage_timeout_s, "store_timeout_s": cfg.store_timeout_s}
     if admin_token_sha256:
         user_config["admin_token_sha256"] = admin_token_sha256
+    if buckets:
+        user_config["buckets"] = buckets
     return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
                            autoscaling_config=_autoscaling(cfg, 8), user_config=user_config).bind(
         store_spec=cfg.store)

@@ -28,7 +28,8 @@ from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_ad
                                        registry_actor, unprocessable)
 from deployments.ingress.metrics import PolicyMetrics, answer_figures
 from deployments.ingress.request_path import STAGE_TIMEOUT_S, STORE_TIMEOUT_S, StageUnavailable, answer
-from deployments.ingress.routing import VersionStages, choose_version, parse_weights
+from deployments.ingress.routing import (VersionStages, assign_buckets, choose_version, decode_table, encode_table,
+                                         parse_weights)
 from deployments.schemas import (EventsRequest, EventsResponse, LiveVersion, PolicyStateResponse, PolicyUpdateRequest,
                                  RecommendedItem, RecommendRequest, RecommendResponse, VersionsResponse)
 from deployments.store import EMBEDDED, StoreClient, open_store
@@ -61,8 +62,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         return _AsciiJSON({"detail": [{"loc": ["body"], "msg": "the body is not decodable JSON",
                                        "type": "json_invalid"}]}, status_code=422)
     return _AsciiJSON({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-USER_CONFIG_KEYS = ("versions", "policy", "admin_token_sha256", "api_keys_sha256", "candidates", "stage_timeout_s",
-                    "store_timeout_s")
+USER_CONFIG_KEYS = ("versions", "buckets", "policy", "admin_token_sha256", "api_keys_sha256", "candidates",
+                    "stage_timeout_s", "store_timeout_s")
 CANDIDATES = 500  # retrieved per request and ranked
 
 
@@ -86,6 +87,7 @@ class Ingress:
         self.store = store or open_store(store_spec)
         self.fixed_stages = {v: VersionStages(**s) for v, s in (stages or {}).items()}
         self.weights: dict[str, float] = {}
+        self.table: list[str] = []  # bucket -> version (deployments.ingress.routing)
         self.stages: dict[str, VersionStages] = {}
         self.candidates, self.stage_timeout_s, self.store_timeout_s = CANDIDATES, STAGE_TIMEOUT_S, STORE_TIMEOUT_S
         self.api_keys = api_key_digests(None)
@@ -103,6 +105,8 @@ class Ingress:
         if unknown:
             raise ValueError(f"ingress user_config: unknown keys {sorted(unknown)}; expected {list(USER_CONFIG_KEYS)}")
         weights = parse_weights(user_config.get("versions", {}))
+        previous = decode_table(user_config["buckets"]) if user_config.get("buckets") else None
+        table = assign_buckets(weights, previous)  # the same on every replica: a function of the user_config
         policy = PolicyConfig.from_dict(user_config.get("policy"))
         candidates = user_config.get("candidates", CANDIDATES)
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -115,6 +119,7 @@ class Ingress:
         api_keys = api_key_digests(user_config.get("api_keys_sha256"))
         stages = {v: self.fixed_stages.get(v) or VersionStages.of(v) for v in weights}  # [1] by handle
         self.weights, self.stages, self.candidates, self.api_keys = weights, stages, candidates, api_keys
+        self.table = table
         self.stage_timeout_s, self.store_timeout_s = float(timeouts["stage_timeout_s"]), float(timeouts["store_timeout_s"])
         self.token_sha256 = user_config.get("admin_token_sha256") or self.env_token_sha256
         await self.steering.publish_base(policy)
@@ -142,7 +147,7 @@ class Ingress:
         except ValueError as e:
             raise unprocessable(["policy"], str(e)) from e
         request_id = req.request_id or x_request_id or uuid.uuid4().hex
-        version = req.version or choose_version(req.user_id, self.weights)
+        version = req.version or choose_version(req.user_id, self.table)
         try:
             out = await answer(req.user_id, req.context.model_dump(), req.k, self.stages[version], self.store, policy,
                                request_id, self.candidates, req.filters.to_filter(), self.stage_timeout_s,
@@ -163,6 +168,10 @@ class Ingress:
                                  cold_start=out.cold_start, partial=out.partial, store_fallback=out.store_fallback,
                                  items=items,
                                  timings_ms={k: round(v, 3) for k, v in timings.items()})
+
+    async def routing_table(self) -> list[list[Any]]:
+        """The live routing table as runs (not an HTTP route): what the next deploy re-weights from."""
+        return encode_table(self.table)
 
     @app.get("/admin/policy", response_model=PolicyStateResponse)
     async def get_policy(self, authorization: str | None = Header(None)) -> PolicyStateResponse:

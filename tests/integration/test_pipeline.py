@@ -175,9 +175,14 @@ def test_health_and_versions_report_every_live_version(tiny_stack):
 
 
 def test_weights_change_live_without_failed_requests(tiny_stack):
-    from cluster.serving import deploy_ingress
+    from cluster.serving import deploy_ingress, live_routing_table
+    from deployments.ingress.routing import choose_version, decode_table
 
     cfg, users = tiny_stack["cfg"], known_users(tiny_stack, 60)
+    table = decode_table(live_routing_table())
+    assert (table.count("v1"), table.count("v2")) == (900, 100)
+    served = {u: post(tiny_stack, "/recommend", {"user_id": u, "k": 3}).json()["version"] for u in users}
+    assert served == {u: choose_version(u, table) for u in users}  # the live table is the one requests follow
     try:
         deploy_ingress({"v1": 0.0, "v2": 100.0}, cfg.policy.to_dict(), cfg.serving)
         answers = [post(tiny_stack, "/recommend", {"user_id": u, "k": 3}) for u in users]

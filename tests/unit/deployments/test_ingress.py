@@ -4,23 +4,73 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deployments.ingress.routing import choose_version, parse_weights
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deployments.ingress.routing import (assign_buckets, bucket_counts, choose_version, decode_table, encode_table,
+                                         parse_weights)
 from deployments.schemas import EventsRequest, RecommendRequest
 
 
 def test_routing_is_sticky_and_close_to_the_weights():
-    weights = {"blue": 90.0, "green": 10.0}
+    table = assign_buckets({"blue": 90.0, "green": 10.0})
     users = [f"user-{i}" for i in range(5000)]
-    picks = [choose_version(u, weights) for u in users]
-    assert picks == [choose_version(u, weights) for u in users]
+    picks = [choose_version(u, table) for u in users]
+    assert picks == [choose_version(u, assign_buckets({"blue": 90.0, "green": 10.0})) for u in users]
     assert 0.08 < picks.count("green") / len(users) < 0.12
+    assert table.count("green") == 100
 
 
 def test_a_zero_weight_version_gets_no_traffic_and_bad_weights_are_refused():
-    assert {choose_version(f"u{i}", {"a": 0.0, "b": 1.0}) for i in range(200)} == {"b"}
+    assert {choose_version(f"u{i}", assign_buckets({"a": 0.0, "b": 1.0})) for i in range(200)} == {"b"}
     for bad in ({}, {"a": -1}, {"a": "x"}, {"a": 0, "b": 0}):
         with pytest.raises(ValueError):
             parse_weights(bad)
+
+
+def test_adding_a_third_version_moves_only_users_of_the_version_that_shrinks():
+    """The case of record: v1 90 / v2 10 -> v1 80 / v2 10 / v3 10 moved every v2 user to v3 with cumulative
+    buckets; now v2 keeps all of its users and v3's come from v1."""
+    before = assign_buckets({"v1": 90, "v2": 10})
+    after = assign_buckets({"v1": 80, "v2": 10, "v3": 10}, before)
+    moved = [(a, b) for a, b in zip(before, after) if a != b]
+    assert set(moved) == {("v1", "v3")} and len(moved) == 100
+    assert decode_table(encode_table(after)) == after
+
+
+weights_st = st.dictionaries(st.sampled_from(["v1", "v2", "v3", "v4", "v5"]), st.integers(0, 20), min_size=1).filter(
+    lambda w: sum(w.values()) > 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(weights_st, min_size=2, max_size=6))
+def test_re_weighting_moves_users_only_from_versions_that_shrink_to_versions_that_grow(history):
+    """Any sequence of re-weightings, with versions coming and going: each step moves a bucket only from a version
+    whose bucket count fell to one whose count rose, and as few as the change in counts requires."""
+    table = assign_buckets(history[0])
+    for weights in history[1:]:
+        old_counts, new_counts = bucket_counts_of(table), bucket_counts(weights)
+        new = assign_buckets(weights, table)
+        assert bucket_counts_of(new) == {v: n for v, n in new_counts.items() if n}
+        for a, b in zip(table, new):
+            if a != b:
+                assert new_counts.get(a, 0) < old_counts.get(a, 0) and new_counts[b] > old_counts.get(b, 0)
+        moved = sum(a != b for a, b in zip(table, new))
+        assert moved == sum(max(0, old_counts.get(v, 0) - new_counts.get(v, 0)) for v in set(old_counts) | set(
+            new_counts))
+        table = new
+
+
+def bucket_counts_of(table):
+    from collections import Counter
+
+    return dict(Counter(table))
+
+
+def test_a_routing_table_that_does_not_cover_the_buckets_is_refused():
+    for bad in ([], [["v1", 0, 10]], [["v1", 0, 600], ["v2", 500, 1000]], [[1, 0, 1000]], "v1", [["v1", 0]]):
+        with pytest.raises(ValueError, match="buckets"):
+            decode_table(bad)
 
 
 def test_recommend_request_bounds_k_and_refuses_unknown_fields():
