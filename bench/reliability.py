@@ -3,7 +3,8 @@ a fuzzer sends it everything its OpenAPI spec allows and more. Black-box over HT
 deployment (embedded Ray, every deployment at `--min-replicas` replicas), all in one run:
 
 - unloaded: sequential requests, p50/p99 (the yardstick of the overload goal);
-- overload: `--clients` closed-loop clients at once: answered, shed (503/429 with Retry-After), hung (no answer
+- overload: `--clients` closed-loop clients at once, each waiting the Retry-After of a shed answer before its next
+  request: answered, shed (503/429 with Retry-After), hung (no answer
   within the client's timeout), 5xx other than a shed; p50/p99 of the admitted requests against 2x unloaded p99;
 - soak: `--soak-clients` clients for `--soak-s` seconds: errors, and the RSS of every Ray process at start and end;
 - faults, each under `--fault-clients` clients for `--fault-s` seconds, the kill a third of the way in: a retrieval
@@ -33,6 +34,8 @@ from typing import Any, Callable
 import numpy as np
 
 ADMIN_TOKEN = "bench-admin-token"
+PARTS = ("overload", "soak", "faults", "redis", "fuzz")
+MAX_BACKOFF_S = 1.0  # a shed client waits Retry-After (at most this) before its next request, as a real client does
 
 
 @dataclass
@@ -73,8 +76,11 @@ async def _load(url: str, users: list[str], clients: int, seconds: float, timeou
                     async with session.post(f"{url}/recommend", json={"user_id": user, "k": 10}) as r:
                         body = await r.json(content_type=None) if r.status == 200 else await r.read()
                         degraded = r.status == 200 and bool(body.get("partial") or body.get("store_fallback"))
+                        retry_after = r.headers.get("Retry-After")
                         out.append(Outcome(t0 - start, time.perf_counter() - start, r.status, degraded,
-                                           "Retry-After" in r.headers))
+                                           retry_after is not None))
+                    if retry_after is not None and r.status in (429, 503):  # a client does as it is told
+                        await asyncio.sleep(min(float(retry_after), MAX_BACKOFF_S))
                 except asyncio.TimeoutError:
                     out.append(Outcome(t0 - start, time.perf_counter() - start, 0))
                 except aiohttp.ClientError:
@@ -248,15 +254,19 @@ def redis_restart_check(stack: Stack) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    o, s = result["overload"], result["soak"]
     lines = ["| check | figures |", "|---|---|",
-             f"| unloaded | p50 {result['unloaded']['admitted_p50_ms']} ms, p99 {result['unloaded']['admitted_p99_ms']} ms |",
-             f"| overload, {o['clients']} clients | {o['requests']} requests, shed {o['shed_share']:.1%} "
-             f"({o['shed_with_retry_after']} with Retry-After), admitted p50 {o['admitted_p50_ms']} / p99 "
-             f"{o['admitted_p99_ms']} ms (goal <= {o['goal_p99_ms']} ms), hung {o['hung']}, 5xx {o['server_errors_5xx']} |",
-             f"| soak, {s['seconds']:.0f} s x {s['clients']} clients | {s['requests']} requests, errors {s['errors']}, "
-             f"Ray RSS {s['rss_start_mb_total']:.0f} -> {s['rss_end_mb_total']:.0f} MB |"]
-    for name, f in result["faults"].items():
+             f"| unloaded | p50 {result['unloaded']['admitted_p50_ms']} ms, p99 {result['unloaded']['admitted_p99_ms']} ms |"]
+    if "overload" in result:
+        o = result["overload"]
+        lines.append(f"| overload, {o['clients']} clients | {o['requests']} requests, shed {o['shed_share']:.1%} "
+                     f"({o['shed_with_retry_after']} with Retry-After), admitted p50 {o['admitted_p50_ms']} / p99 "
+                     f"{o['admitted_p99_ms']} ms (goal <= {o['goal_p99_ms']} ms), hung {o['hung']}, "
+                     f"5xx {o['server_errors_5xx']} |")
+    if "soak" in result:
+        s = result["soak"]
+        lines.append(f"| soak, {s['seconds']:.0f} s x {s['clients']} clients | {s['requests']} requests, errors "
+                     f"{s['errors']}, Ray RSS {s['rss_start_mb_total']:.0f} -> {s['rss_end_mb_total']:.0f} MB |")
+    for name, f in result.get("faults", {}).items():
         lines.append(f"| fault: {name} | {f.get('requests', 0)} requests, failed {f.get('failed')}, degraded "
                      f"{f.get('degraded')}, full answers again after {f.get('seconds_to_full_answers')} s"
                      f"{' (' + f['error'] + ')' if 'error' in f else ''} |")
@@ -264,7 +274,8 @@ def markdown(result: dict[str, Any]) -> str:
         z = result["fuzz"]
         lines.append(f"| fuzz | {z.get('requests')} requests, 5xx {z.get('server_errors')}, 4xx without a field "
                      f"{z.get('unnamed_4xx')} |")
-    lines.append(f"| Redis restart | {'passed' if result['redis_restart'].get('passed') else 'FAILED'} |")
+    if "redis_restart" in result:
+        lines.append(f"| Redis restart | {'passed' if result['redis_restart'].get('passed') else 'FAILED'} |")
     return "\n".join(lines)
 
 
@@ -276,12 +287,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--overload-s", type=float, default=30.0)
     p.add_argument("--soak-s", type=float, default=600.0)
-    p.add_argument("--soak-clients", type=int, default=4)
+    p.add_argument("--soak-clients", type=int, default=2, help="the sustainable load: served without shedding")
     p.add_argument("--fault-s", type=float, default=30.0)
     p.add_argument("--fault-clients", type=int, default=4)
     p.add_argument("--fuzz-cases", type=int, default=300, help="cases per operation (x2: with and without token)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"which checks to run, of {','.join(PARTS)}")
     p.add_argument("--out", type=Path, default=Path("bench/results/reliability.json"))
     args = p.parse_args(argv)
+    args.parts = [x for x in args.parts.split(",") if x]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        p.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="recsys-reliability-") as tmp:
         stack = Stack(args.config, args.port, args.min_replicas, Path(tmp))
@@ -297,6 +313,52 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    timeout_s = stack.cfg.serving.request_timeout_s + 5.0  # past the proxy's own limit: a hang, not a slow answer
+    stack.deploy()
+    load(stack.url, stack.users, 2, 5.0, timeout_s)  # warm-up
+    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
+    result["config"]["out"] = str(args.out)
+    result["unloaded"] = summary(load(stack.url, stack.users, 1, 15.0, timeout_s))
+    if "overload" in args.parts:
+        over = summary(load(stack.url, stack.users, args.clients, args.overload_s, timeout_s))
+        over["clients"] = args.clients
+        over["goal_p99_ms"] = round(2 * (result["unloaded"]["admitted_p99_ms"] or 0), 2)
+        result["overload"] = over
+        print(f"overload: {json.dumps(over)}", flush=True)
+    if "soak" in args.parts:
+        result["soak"] = soak(stack, args, timeout_s)
+    if "faults" in args.parts:
+        result["faults"] = faults(stack, args, timeout_s)
+    if "redis" in args.parts:
+        stack.deploy(store=stack.redis_url)
+        result.setdefault("faults", {})["redis restart"] = run_fault(stack, lambda t: stack.restart_redis(), args,
+                                                                     timeout_s)
+        result["redis_restart"] = redis_restart_check(stack)
+        stack.deploy()
+    if "fuzz" in args.parts:
+        try:
+            from bench.fuzz import fuzz
+
+            result["fuzz"] = fuzz(stack.url, args.fuzz_cases, ADMIN_TOKEN)
+        except ImportError as e:
+            result["fuzz"] = {"error": f"bench.fuzz unavailable: {e}"}
+    return result
+
+
+def soak(stack: Stack, args: argparse.Namespace, timeout_s: float) -> dict[str, Any]:
+    rss0 = ray_rss_mb()
+    outcomes = load(stack.url, stack.users, args.soak_clients, args.soak_s, timeout_s)
+    rss1 = ray_rss_mb()
+    common = sorted(set(rss0) & set(rss1))
+    out = {**summary(outcomes), "seconds": args.soak_s, "clients": args.soak_clients,
+           "errors": sum(o.status != 200 for o in outcomes),
+           "rss_start_mb_total": sum(rss0[k] for k in common), "rss_end_mb_total": sum(rss1[k] for k in common),
+           "rss_mb": {k: [rss0[k], rss1[k]] for k in common}}
+    print(f"soak: {out['requests']} requests, {out['errors']} errors", flush=True)
+    return out
+
+
+def faults(stack: Stack, args: argparse.Namespace, timeout_s: float) -> dict[str, Any]:
     from cluster.serving import deploy_version, wait_healthy
     from deployments.ingress.routing import version_app_name
     from deployments.store import STORE_NAME
@@ -305,39 +367,17 @@ def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
 
     import ray
 
-    timeout_s = stack.cfg.serving.request_timeout_s + 5.0  # past the proxy's own limit: a hang, not a slow answer
-    stack.deploy()
-    load(stack.url, stack.users, 2, 5.0, timeout_s)  # warm-up
-    result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
-    result["config"]["out"] = str(args.out)
-    result["unloaded"] = summary(load(stack.url, stack.users, 1, 15.0, timeout_s))
-    over = summary(load(stack.url, stack.users, args.clients, args.overload_s, timeout_s))
-    over["clients"] = args.clients
-    over["goal_p99_ms"] = round(2 * (result["unloaded"]["admitted_p99_ms"] or 0), 2)
-    result["overload"] = over
-    print(f"overload: {json.dumps(over)}", flush=True)
-
-    rss0 = ray_rss_mb()
-    soak = load(stack.url, stack.users, args.soak_clients, args.soak_s, timeout_s)
-    rss1 = ray_rss_mb()
-    common = sorted(set(rss0) & set(rss1))
-    result["soak"] = {**summary(soak), "seconds": args.soak_s, "clients": args.soak_clients,
-                      "errors": sum(o.status != 200 for o in soak),
-                      "rss_start_mb_total": sum(rss0[k] for k in common), "rss_end_mb_total": sum(rss1[k] for k in common),
-                      "rss_mb": {k: [rss0[k], rss1[k]] for k in common}}
-    print(f"soak: {result['soak']['requests']} requests, {result['soak']['errors']} errors", flush=True)
-
     first = next(iter(stack.cfg.demo.versions))
-    faults: dict[str, Callable[[float], None]] = {
+    kills: dict[str, Callable[[float], None]] = {
         "retrieval replica": kill_replica(version_app_name(first), "Retrieval"),
         "ranking replica": kill_replica(version_app_name(first), "Ranking"),
         "ingress replica": kill_replica("recsys", "Ingress"),
         "embedded store actor": lambda t: ray.kill(ray.get_actor(STORE_NAME, namespace=NAMESPACE), no_restart=False),
     }
-    result["faults"] = {}
-    for name, kill in faults.items():
-        result["faults"][name] = run_fault(stack, kill, args, timeout_s)
-        print(f"fault {name}: {json.dumps(result['faults'][name])}", flush=True)
+    result: dict[str, Any] = {}
+    for name, kill in kills.items():
+        result[name] = run_fault(stack, kill, args, timeout_s)
+        print(f"fault {name}: {json.dumps(result[name])}", flush=True)
         wait_healthy(stack.url, timeout_s=300)
         time.sleep(5.0)  # Serve replaces the replica; let the next fault start from full strength
 
@@ -346,23 +386,11 @@ def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         deploy_version(path, sharded)
     wait_healthy(stack.url, timeout_s=300)
     n_shards = stack.cfg.index.n_shards
-    result["faults"]["index shard (sharded layout)"] = run_fault(
+    result["index shard (sharded layout)"] = run_fault(
         stack, lambda t: ray.kill(get_shards(first, n_shards)[0], no_restart=False), args, timeout_s)
     for path in stack.bundles.values():
         deploy_version(path, stack.cfg.serving)
     wait_healthy(stack.url, timeout_s=300)
-
-    stack.deploy(store=stack.redis_url)
-    result["faults"]["redis restart"] = run_fault(stack, lambda t: stack.restart_redis(), args, timeout_s)
-    result["redis_restart"] = redis_restart_check(stack)
-    stack.deploy()
-
-    try:
-        from bench.fuzz import fuzz
-
-        result["fuzz"] = fuzz(stack.url, args.fuzz_cases, ADMIN_TOKEN)
-    except ImportError as e:
-        result["fuzz"] = {"error": f"bench.fuzz unavailable: {e}"}
     return result
 
 

@@ -29,7 +29,7 @@ class ServingConfig:
     index_memory_mb: float = 1024.0
     request_timeout_s: float = 10.0  # the HTTP proxy answers 408 past this: no request waits forever
     stage_timeout_s: float = 5.0  # each call from the ingress to a stage (retrieval, ranking)
-    store_timeout_s: float = 1.0  # the online store; past it the request goes on without the user's state
+    store_timeout_s: float = 0.5  # the online store; past it the request goes on without the user's state
     # The online store: "embedded" (an in-memory actor, lost on restart) or a redis:// URL (durable; started by
     # `recsys serve --store redis`, see cluster/redis_server.py).
     store: str = EMBEDDED

@@ -34,7 +34,7 @@ from training.request.policy_config import PolicyConfig
 RANKED_PER_K = 4  # the policy sees 4k ranked items (at least 100), room to sort bought items down and diversify
 MIN_RANKED = 100
 STAGE_TIMEOUT_S = 5.0  # each stage call; far above a loaded stage's p99 (~0.2 s here), so only a stuck one trips it
-STORE_TIMEOUT_S = 1.0  # the store answers in ~2 ms; past this the request goes on without the user's state
+STORE_TIMEOUT_S = 0.5  # the store answers in ~2 ms; past this the request goes on without the user's state
 REPLICA_GONE = (RayActorError, ActorUnavailableError)  # the replica died (or is restarting) under the call
 logger = logging.getLogger("ray.serve")
 

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.ingress.access import (API_KEY_HEADER, BodyLimit, api_key_digests, check_api_key, forbidden,
                                         operator_fields)
+from deployments.ingress.admission import RETRY_AFTER_S, AdaptiveLimit
 from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_admin_token, parse_policy,
                                        registry_actor, unprocessable)
 from deployments.ingress.metrics import PolicyMetrics, answer_figures
@@ -74,7 +75,9 @@ def _replica_id() -> str:
         return f"local-{uuid.uuid4().hex[:8]}"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16, max_queued_requests=32,
+# [2] Serve hands the ingress many requests at once (max_ongoing_requests) so that its own admission control
+# (ingress/admission.py) decides which to work on and answers the rest at once with Retry-After.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, max_queued_requests=64,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 @serve.ingress(app)
 class Ingress:
@@ -96,6 +99,7 @@ class Ingress:
         self.env_token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else None
         self.token_sha256 = self.env_token_sha256
         self.metrics = PolicyMetrics()
+        self.admission = AdaptiveLimit()
         self._store_stats: dict[str, Any] | None = None  # the store's first stats answer (its backend, durability)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -148,6 +152,10 @@ class Ingress:
             raise unprocessable(["policy"], str(e)) from e
         request_id = req.request_id or x_request_id or uuid.uuid4().hex
         version = req.version or choose_version(req.user_id, self.table)
+        if not self.admission.try_admit():  # [2] beyond what the stages serve at near-unloaded latency
+            raise HTTPException(503, "overloaded: retry after the time in Retry-After",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        t_admitted = time.perf_counter()
         try:
             out = await answer(req.user_id, req.context.model_dump(), req.k, self.stages[version], self.store, policy,
                                request_id, self.candidates, req.filters.to_filter(), self.stage_timeout_s,
@@ -157,6 +165,8 @@ class Ingress:
                                 headers={"Retry-After": str(max(1, round(e.retry_after_s)))}) from e
         except Exception as e:  # a failing stage answers with a clear error, never a hang or a crash
             raise HTTPException(503, f"version {version} could not answer: {type(e).__name__}: {e}") from e
+        finally:  # only requests that ran the stages teach the limit what latency they get
+            self.admission.done(time.perf_counter() - t_admitted)
         final = out.final
         self.metrics.record(version, surface, answer_figures(final, req.k, out.now, policy.new_item_days),
                             out.timings_ms["policy"])
@@ -231,5 +241,5 @@ class Ingress:
         failed = {name: f"{type(r).__name__}: {r}" for name, r in zip([*self.weights, "online_store"], results)
                   if isinstance(r, BaseException)}
         body = {"status": "ok" if not failed else "unavailable", "failed": failed,
-                "versions": {v: self.weights[v] for v in self.weights}}
+                "versions": {v: self.weights[v] for v in self.weights}, "admission": self.admission.stats()}
         return JSONResponse(body, status_code=200 if not failed else 503)
