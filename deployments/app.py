@@ -74,5 +74,5 @@ def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None,
     if buckets:
         user_config["buckets"] = buckets
     return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
-                           autoscaling_config=_autoscaling(cfg, 8), user_config=user_config).bind(
+                           autoscaling_config=_autoscaling(cfg, 2), user_config=user_config).bind(
         store_spec=cfg.store)

@@ -7,12 +7,14 @@ from typing import Any
 import torch
 from ray import serve
 
+from deployments.backpressure import SHED
 from training.fit.bundle import load_bundle
 from training.request.contracts import RankedList, RankRequest
 from training.request.ranking import RankingCore
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16, max_queued_requests=32,
+                  backpressure_config=SHED,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 class Ranking:
     """Multi-task ranker; with `batching`, concurrent requests are scored together in one forward pass.

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from deployments.backpressure import SHED
 from deployments.calls import ActorCalls, LocalCalls
 from indexing.embed import get_shards, index_layout, load_shards, read_index_manifest
 from indexing.shards import merge_top_k, pack_allowed
@@ -24,6 +25,7 @@ SHARD_TIMEOUT_S = 2.0  # a shard slower than this is left out of the answer (mar
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=8, max_queued_requests=16,
+                  backpressure_config=SHED,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4})
 class Retrieval:
     """User queries at request time, fan-out to every index shard of the version, one merge to the candidates."""

@@ -8,10 +8,12 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.backpressure import SHED
 from indexing.embed import read_index_manifest
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=8, max_queued_requests=16)
+@serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=8, max_queued_requests=16,
+                  backpressure_config=SHED)
 class Version:
     """What `/versions` and `/healthz` ask of a version; binds its stages into one application."""
 

@@ -22,7 +22,7 @@ MAX_LIMIT = 32
 TOLERANCE = 2.0  # a request slower than this many times the baseline means the stages are queueing
 BACKOFF = 0.9
 DRIFT = 0.002  # the baseline rises this fraction per sample, so it follows a slower machine or model
-RETRY_AFTER_S = 1
+INGRESS_MAX_ONGOING = 4  # requests one ingress replica works on at once (Serve's cap, and the limit's ceiling)
 
 
 class AdaptiveLimit:

@@ -24,7 +24,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.ingress.access import (API_KEY_HEADER, BodyLimit, api_key_digests, check_api_key, forbidden,
                                         operator_fields)
-from deployments.ingress.admission import RETRY_AFTER_S, AdaptiveLimit
+from deployments.backpressure import RETRY_AFTER_S, SHED
+from deployments.ingress.admission import INGRESS_MAX_ONGOING, AdaptiveLimit
 from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_admin_token, parse_policy,
                                        registry_actor, unprocessable)
 from deployments.ingress.metrics import PolicyMetrics, answer_figures
@@ -75,10 +76,12 @@ def _replica_id() -> str:
         return f"local-{uuid.uuid4().hex[:8]}"
 
 
-# [2] Serve hands the ingress many requests at once (max_ongoing_requests) so that its own admission control
-# (ingress/admission.py) decides which to work on and answers the rest at once with Retry-After.
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, max_queued_requests=64,
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
+# [2] Few requests per replica and almost no queue: beyond them the proxy sheds at once, cheaply, with Retry-After
+# (an admitted request never waits behind a queue), and within them the ingress's adaptive limit
+# (ingress/admission.py) sheds what the stages cannot serve at near-unloaded latency.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=INGRESS_MAX_ONGOING, max_queued_requests=2,
+                  backpressure_config=SHED,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2})
 @serve.ingress(app)
 class Ingress:
     def __init__(self, store: StoreClient | None = None, registry: Any = None,
@@ -99,7 +102,7 @@ class Ingress:
         self.env_token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else None
         self.token_sha256 = self.env_token_sha256
         self.metrics = PolicyMetrics()
-        self.admission = AdaptiveLimit()
+        self.admission = AdaptiveLimit(initial=INGRESS_MAX_ONGOING, max_limit=INGRESS_MAX_ONGOING)
         self._store_stats: dict[str, Any] | None = None  # the store's first stats answer (its backend, durability)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
