@@ -28,6 +28,7 @@ from training.data.schemas import read_shop, snapshot_id, write_shop
 from training.data.synthetic import GENERATOR_VERSION, generate_shop
 
 console = Console()
+SHED_RETRIES = 5
 
 
 def ensure_shop(cfg: RecsysConfig) -> Path:
@@ -145,8 +146,17 @@ def send_traffic(url: str, cfg: RecsysConfig, shop_dir: Path) -> dict[str, Any]:
     requests = [sample[i % len(sample)] for i in range(cfg.demo.requests)]
     client = httpx.Client(base_url=url, timeout=30.0)
 
+    shed = Counter()
+
     def recommend(user: str, **extra: Any) -> dict[str, Any]:
-        r = client.post("/recommend", json={"user_id": user, "k": 10, **extra})
+        """One answer, as a well-behaved client gets it: a shed request (503/429) is sent again after its
+        Retry-After, a few times."""
+        for _ in range(SHED_RETRIES):
+            r = client.post("/recommend", json={"user_id": user, "k": 10, **extra})
+            if r.status_code not in (429, 503) or "Retry-After" not in r.headers:
+                break
+            shed["retried"] += 1
+            time.sleep(min(float(r.headers["Retry-After"]), 2.0))
         r.raise_for_status()
         return r.json()
 
@@ -163,6 +173,8 @@ def send_traffic(url: str, cfg: RecsysConfig, shop_dir: Path) -> dict[str, Any]:
     for s, v in stage.items():
         table.add_row(s, f"{np.percentile(v, 50):.1f}", f"{np.percentile(v, 99):.1f}")
     console.print(table)
+    if shed:
+        console.print(f"[bold]shed[/] {shed['retried']} answers came after a 503 with Retry-After (admission control)")
     console.print(f"[bold]split[/] configured {dict(cfg.demo.versions)}, observed over {len(answers)} requests: "
                   + ", ".join(f"{v}: {n / len(answers):.0%}" for v, n in sorted(split.items())))
 

@@ -23,6 +23,7 @@ TOLERANCE = 2.0  # a request slower than this many times the baseline means the 
 BACKOFF = 0.9
 DRIFT = 0.002  # the baseline rises this fraction per sample, so it follows a slower machine or model
 INGRESS_MAX_ONGOING = 4  # requests one ingress replica works on at once (Serve's cap, and the limit's ceiling)
+INGRESS_MIN_ADMITTED = 2  # the limit's floor: two requests at once always get through, whatever the latency
 
 
 class AdaptiveLimit:

@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.ingress.access import (API_KEY_HEADER, BodyLimit, api_key_digests, check_api_key, forbidden,
                                         operator_fields)
 from deployments.backpressure import RETRY_AFTER_S, SHED
-from deployments.ingress.admission import INGRESS_MAX_ONGOING, AdaptiveLimit
+from deployments.ingress.admission import INGRESS_MAX_ONGOING, INGRESS_MIN_ADMITTED, AdaptiveLimit
 from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_admin_token, parse_policy,
                                        registry_actor, unprocessable)
 from deployments.ingress.metrics import PolicyMetrics, answer_figures
@@ -102,7 +102,8 @@ class Ingress:
         self.env_token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else None
         self.token_sha256 = self.env_token_sha256
         self.metrics = PolicyMetrics()
-        self.admission = AdaptiveLimit(initial=INGRESS_MAX_ONGOING, max_limit=INGRESS_MAX_ONGOING)
+        self.admission = AdaptiveLimit(initial=INGRESS_MAX_ONGOING, min_limit=INGRESS_MIN_ADMITTED,
+                                       max_limit=INGRESS_MAX_ONGOING)
         self._store_stats: dict[str, Any] | None = None  # the store's first stats answer (its backend, durability)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:

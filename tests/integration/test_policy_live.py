@@ -40,7 +40,7 @@ def admin_stack(tiny_stack):
     cfg = tiny_stack["cfg"]
     user_config = {"versions": dict(WEIGHTS), "policy": cfg.policy.to_dict(), "candidates": cfg.serving.candidates,
                    "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
-    two = {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 16}
+    two = {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 2}
     app = Ingress.options(ray_actor_options={"num_cpus": cfg.serving.replica_cpus}, autoscaling_config=two,
                           user_config=user_config).bind()
     serve.run(app, name=INGRESS_APP, route_prefix="/", logging_config=QUIET)
