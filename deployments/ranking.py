@@ -34,9 +34,11 @@ class Ranking:
         self._rank_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def rank(self, request: RankRequest) -> RankedList:
-        if self.batching:
-            return await self._rank_batch(request)
-        return self.core.rank([request])[0]
+        if request.candidates.version and request.candidates.version != self.version:  # never mix two versions
+            raise ValueError(f"ranking {self.version}: candidates of version {request.candidates.version!r}")
+        ranked = await self._rank_batch(request) if self.batching else self.core.rank([request])[0]
+        ranked.version = self.version
+        return ranked
 
     # [2] Requests that queue while a pass runs share the next one. No added wait: at concurrency 1 a 2 ms window
     # cost every request 2 ms (measured over HTTP), while under load the queue fills the batches by itself.

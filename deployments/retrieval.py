@@ -14,7 +14,7 @@ from ray import serve
 
 from deployments.backpressure import SHED
 from deployments.calls import ActorCalls, LocalCalls
-from indexing.embed import get_shards, index_layout, load_shards, read_index_manifest
+from indexing.embed import get_shards, has_index_manifest, index_layout, load_shards, read_index_manifest
 from indexing.shards import merge_top_k, pack_allowed
 from training.fit.bundle import load_bundle
 from training.request.contracts import Candidates, RetrievalRequest
@@ -42,8 +42,12 @@ class Retrieval:
         self.version = bundle.version
         self.core = RetrievalCore.from_bundle(bundle)  # [2] the algorithm is chosen here, once per bundle
         self.layout = "given"
+        manifest = read_index_manifest(bundle_dir) if shards is None or has_index_manifest(bundle_dir) else None
+        self.index_version = manifest.get("version", bundle.version) if manifest else bundle.version
+        if self.index_version != bundle.version:  # a version's answers come from its own index, never another's
+            raise ValueError(f"{bundle_dir}: the index was built for {self.index_version!r}, the bundle is "
+                             f"{bundle.version!r}; rebuild it with `recsys index --bundle {bundle_dir}`")
         if shards is None:
-            manifest = read_index_manifest(bundle_dir)
             self.layout = index_layout(manifest, layout, memory_mb)
             if self.layout == "in_process":  # [3] the vectors pass through memory, not a network call
                 shards = [LocalCalls(s) for s in load_shards(bundle_dir, manifest)]
@@ -73,10 +77,15 @@ class Retrieval:
         allowed = self.core.allowed(req)
         q = self.core.queries(features)
         if q is None:
-            return self.core.cold_start(features, req.k, allowed)
+            return self._stamped(self.core.cold_start(features, req.k, allowed))
         D, I, partial = await self.search(q.xq, req.k, allowed)
         found = self.core.merge(features, q, D, I, req.k)
-        return dataclasses.replace(found, partial=True) if partial else found
+        return self._stamped(found, partial)
+
+    def _stamped(self, found: Candidates, partial: bool = False) -> Candidates:
+        """The answer marked with the versions of the tower and the index that produced it."""
+        return dataclasses.replace(found, partial=partial or found.partial, version=self.version,
+                                   index_version=self.index_version)
 
     async def check_health(self) -> None:
         """Serve replaces a replica whose index is unusable: in process, shards that lost vectors; sharded, no shard

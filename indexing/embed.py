@@ -213,6 +213,10 @@ def load_shards(bundle_dir: str | Path, manifest: dict) -> list[FaissShard]:
     return shards
 
 
+def has_index_manifest(bundle_dir: str | Path) -> bool:
+    return (Path(bundle_dir) / INDEX_MANIFEST).is_file()
+
+
 def read_index_manifest(bundle_dir: str | Path) -> dict:
     path = Path(bundle_dir) / INDEX_MANIFEST
     if not path.is_file():

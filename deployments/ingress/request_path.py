@@ -100,6 +100,11 @@ class Answer:
     store_fallback: bool  # the online store did not answer: the user's state was taken as empty
     now: float  # unix seconds the policy judged recency and novelty by
     timings_ms: dict[str, float]
+    stage_versions: dict[str, str]  # the version of retrieval's tower, of the index and of the ranker
+
+    def mixed(self, version: str) -> dict[str, str]:
+        """The parts that do not belong to `version` (empty: the answer is all one version's)."""
+        return {part: v for part, v in self.stage_versions.items() if v != version}
 
 
 def _ms(t0: float) -> float:
@@ -137,4 +142,5 @@ async def answer(user_id: str, context: dict, k: int, stages: VersionStages, sto
     final = apply_policy(ranked, UserState(state["bought_at"], now), policy, rng)
     timings = {"features": (t1 - t0) * 1000.0, "retrieval": (t2 - t1) * 1000.0, "ranking": (t3 - t2) * 1000.0,
                "policy": _ms(t3)}
-    return Answer(final, found.cold_start, found.partial, store_fallback, now, timings)
+    versions = {"retrieval": found.version, "index": found.index_version, "ranking": ranked.version}
+    return Answer(final, found.cold_start, found.partial, store_fallback, now, timings, versions)

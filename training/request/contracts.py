@@ -47,6 +47,8 @@ class Candidates:
     reasons: tuple[str, ...]  # (m,) "retrieval", "interest:<i>", "condition:category=<c>", "cold_start:*"
     cold_start: bool = False  # no engagement to build a user vector from: popular and new items
     partial: bool = False  # an index shard did not answer: the candidates come from the others
+    version: str = ""  # the bundle version whose user tower retrieved them ("" outside serving)
+    index_version: str = ""  # the version whose index they were searched in
 
     def __post_init__(self) -> None:
         if not (len(self.item_idx) == len(self.scores) == len(self.reasons)):
@@ -74,6 +76,7 @@ class RankedList:
     reasons: list[str]  # why each item is here, e.g. "retrieval", "interest:1", "cold_start:popular"
     created_at: np.ndarray | None = None  # (n,) float64 unix seconds; None: no item counts as new
     in_stock: np.ndarray | None = None  # (n,) bool; None: every item is in stock
+    version: str = ""  # the bundle version whose ranker ordered them ("" outside serving)
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
@@ -101,7 +104,7 @@ class RankedList:
             item_ids=pick(self.item_ids), scores=self.scores[idx], brands=pick(self.brands),
             categories=pick(self.categories), reasons=pick(self.reasons if reasons is None else reasons),
             created_at=None if self.created_at is None else self.created_at[idx],
-            in_stock=None if self.in_stock is None else self.in_stock[idx])
+            in_stock=None if self.in_stock is None else self.in_stock[idx], version=self.version)
 
 
 @dataclass
