@@ -89,13 +89,19 @@ def _replay(args: argparse.Namespace) -> None:
                                        default=float))
 
 
-BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reliability")  # modules of bench/, each with main(argv)
+BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reliability", "rollout")  # modules of bench/, each with main(argv)
 
 
 def _bench(args: argparse.Namespace) -> None:
     import importlib
 
     importlib.import_module(f"bench.{args.name}").main(args.args)
+
+
+def _rollout(args: argparse.Namespace) -> None:
+    from cluster.rollout_cli import run
+
+    run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see recsys bench NAME --help)")
     b.set_defaults(func=_bench)
+
+    ro = sub.add_parser("rollout", help="versioned rollout over the admin endpoints: start (deploy + gate), status, "
+                        "shift, rollback, retire, shadow")
+    from cluster.rollout_cli import add_arguments as add_rollout_arguments
+
+    add_rollout_arguments(ro)
+    ro.set_defaults(func=_rollout)
 
     for name, keep in (("demo", False), ("serve", True)):
         d = sub.add_parser(name, help="data, training, indexing, serving and real HTTP requests" if not keep

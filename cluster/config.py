@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from deployments.app import ServingConfig
+from deployments.rollout.gate import RolloutConfig
 from indexing.embed import IndexConfig
 from training.request.policy_config import PolicyConfig
 from training.fit.train_loop import TrainConfig
@@ -44,6 +45,7 @@ class RecsysConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the gate's thresholds and the live guards
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from cluster.config import RecsysConfig
 from cluster.runtime import init_ray
-from cluster.serving import (deploy_ingress, deploy_version, seed_online_store, start_redis, start_serve,
-                             wait_healthy)
+from cluster.serving import (deploy_ingress, deploy_version, seed_online_store, start_redis, start_rollout,
+                             start_serve, wait_healthy)
 from deployments.store import EMBEDDED
 from indexing.embed import INDEX_MANIFEST, embed_catalog
 from training.fit.bundle import BUNDLE_FORMAT, MANIFEST, load_bundle
@@ -120,6 +120,7 @@ def deploy(cfg: RecsysConfig, shop_dir: Path, bundles: dict[str, Path]) -> str:
     for path in bundles.values():
         deploy_version(path, cfg.serving)
     deploy_ingress(dict(cfg.demo.versions), cfg.policy.to_dict(), cfg.serving)
+    start_rollout(cfg.serving, cfg.index, cfg.rollout, shop_dir)
     url = f"http://{cfg.serving.host}:{cfg.serving.port}"
     wait_healthy(url)
     console.print(f"[bold]serve[/] healthy at {url}: versions {dict(cfg.demo.versions)}")

@@ -9,15 +9,17 @@ from typing import Any
 import httpx
 from ray import serve
 
-from deployments.app import ServingConfig, build_ingress_app, build_version_app
+from deployments.app import QUIET, ServingConfig, build_ingress_app, build_version_app
 from deployments.ingress.routing import version_app_name
 from deployments.redis_store import RedisActions
+from deployments.rollout.controller import start_controller
+from deployments.rollout.gate import RolloutConfig
 from deployments.store import EMBEDDED, create_store
+from indexing.embed import IndexConfig
 from training.fit.bundle import load_bundle
 from training.data.schemas import read_shop, snapshot_id
 
 INGRESS_APP = "recsys"
-QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
 
 
 def start_serve(cfg: ServingConfig) -> None:
@@ -57,6 +59,19 @@ def live_routing_table() -> list[list[Any]] | None:
         logging.getLogger(__name__).warning(f"the live routing table could not be read ({type(e).__name__}: {e}); "
                                             "the new split is made without it, so some users may change version")
         return None
+
+
+def start_rollout(serving: ServingConfig, index: IndexConfig, rollout: RolloutConfig, shop_dir: str | Path,
+                  gate_users: int = 1000) -> None:
+    """Starts (or re-configures) the rollout controller that `/admin/rollout/*` and `recsys rollout` drive; the
+    shop's users (a seeded sample, with their country and device) top up the gate's recorded requests."""
+    import numpy as np
+
+    users = read_shop(shop_dir).users.to_pylist()
+    rng = np.random.default_rng(0)
+    picked = [users[i] for i in rng.choice(len(users), size=min(gate_users, len(users)), replace=False)]
+    start_controller(serving, index, rollout, [{"user_id": u["user_id"], "context": {
+        "country": u["country"], "device": u["device"], "page": "home"}} for u in picked])
 
 
 def seed_online_store(shop_dir: str | Path, store: str = EMBEDDED) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from deployments.store import EMBEDDED
 from indexing.embed import LAYOUTS
 
 
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     host: str = "127.0.0.1"  # loopback by default; set 0.0.0.0 to serve a network

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from training.data.schemas import ACTIONS
 from training.request.contracts import ItemFilter
@@ -77,6 +77,8 @@ class RecommendResponse(BaseModel):
     store_fallback: bool = False  # the online store did not answer: context and popular items only
     items: list[RecommendedItem]
     timings_ms: dict[str, float]
+    # the version of each part that made this answer (retrieval's tower, the index, the ranker): always `version`
+    stage_versions: dict[str, str] = Field(default_factory=dict)
 
 
 class EventIn(BaseModel):
@@ -121,3 +123,42 @@ class PolicyStateResponse(BaseModel):
     policy: dict[str, Any]
     applied_replicas: int = 0  # ingress replicas that confirmed this version before the answer
     pending_replicas: list[str] = Field(default_factory=list)  # live replicas that had not confirmed it in time
+
+
+VersionName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="a version name")
+
+
+class RolloutStartRequest(BaseModel):
+    """POST /admin/rollout/start: deploy `version` from `bundle` (a path every node reads) beside the live ones."""
+    model_config = ConfigDict(extra="forbid")
+    version: str = VersionName
+    bundle: str = Field(min_length=1, max_length=4096)
+
+
+class RolloutShiftRequest(BaseModel):
+    """POST /admin/rollout/shift: move traffic to `version` in steps (percent), `every_s` apart (0: at once)."""
+    model_config = ConfigDict(extra="forbid")
+    version: str = VersionName
+    to: list[float] = Field(min_length=1, max_length=20)
+    every_s: float = Field(60.0, ge=0, le=86_400)
+
+    @field_validator("to")
+    @classmethod
+    def _steps(cls, to: list[float]) -> list[float]:
+        if any(not 0 < p <= 100 for p in to) or any(b <= a for a, b in zip(to, to[1:])):
+            raise ValueError("steps are increasing percentages in (0, 100], e.g. [10, 50, 100]")
+        return to
+
+
+class RolloutVersionRequest(BaseModel):
+    """POST /admin/rollout/retire: the version to remove."""
+    model_config = ConfigDict(extra="forbid")
+    version: str = VersionName
+
+
+class ShadowRequest(BaseModel):
+    """POST /admin/rollout/shadow: a share of live requests is also answered by `version` (answers not returned);
+    share 0 stops it."""
+    model_config = ConfigDict(extra="forbid")
+    version: str = VersionName
+    share: float = Field(ge=0, le=1)

@@ -318,3 +318,25 @@ def catalog_coverage(ranked: np.ndarray, n_items: int, k: int) -> float:
     top = np.asarray(ranked)[:, :k].ravel()
     shown = np.unique(top[(top > 0) & (top <= n_items)])
     return float(len(shown) / n_items)
+
+
+def overlap_at_k(a: Sequence[str], b: Sequence[str], k: int) -> float:
+    """Share of the first k items of `a` that are among the first k of `b` (1.0 for two empty lists)."""
+    top_a, top_b = list(a[:k]), set(b[:k])
+    if not top_a and not top_b:
+        return 1.0
+    return len([x for x in top_a if x in top_b]) / max(len(top_a), len(top_b))
+
+
+def rank_correlation(a: Sequence[str], b: Sequence[str], k: int) -> float | None:
+    """Kendall's tau-a between the orders two top-k lists give the items they share; None when they share fewer
+    than two (no order to compare)."""
+    pos_b = {x: i for i, x in enumerate(b[:k])}
+    shared = [pos_b[x] for x in a[:k] if x in pos_b]  # b's positions, in a's order
+    n = len(shared)
+    if n < 2:
+        return None
+    r = np.asarray(shared)
+    upper = np.triu_indices(n, 1)
+    signs = np.sign(r[None, :] - r[:, None])[upper]  # pair (i<j) in a's order: +1 when b keeps their order
+    return float(signs.sum() / len(signs))

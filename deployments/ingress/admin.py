@@ -1,18 +1,21 @@
-"""Admin steering of the live policy: the registry every ingress replica follows, the admin token check, and the
-`PolicySteering` each replica holds (the current config, its per-surface presets, the follower loop).
+"""Admin steering of the live policy and routing: the registries every ingress replica follows, the admin token
+check, and each replica's followers (`PolicySteering`: the policy and its per-surface presets;
+`deployments.ingress.routing.RoutingSteering`: the live versions, their weights and buckets, and shadow traffic).
 
 Why a registry. Live versions, weights and the base policy are the ingress's `user_config`; Serve applies a new one
 through `reconfigure` on the running replicas (`serve deploy` with a changed `user_config` is a lightweight
 update). The admin endpoint `POST /admin/policy` must reach every ingress replica, not only the one that received
 it, and a replica cannot call `serve.run` on its own application: an imperative `serve.run` gives the deployment a
 new random code version, so Serve replaces (restarts) every replica, including the one waiting for the call to
-return. Hence one small named actor, `PolicyRegistry` (`recsys-policy-registry`), holds the current policy and a
+return. Hence one small named actor, `SteeringRegistry` (`recsys-policy-registry`), holds the current policy and a
 version number, and every replica follows it with a long poll (`wait_newer`), which also acknowledges the version it
 runs. The admin endpoint validates the config (a bad one gets a 422 naming the field and nothing changes), stores
 it, and answers once every live replica has acknowledged it, so the next request on any replica uses it. Requests
 in flight keep the (immutable) config they started with: no request fails and no replica restarts. New replicas
 read the registry in `reconfigure`, before they take traffic. Precedence: the latest change wins, whether it came
-from the admin endpoint or from a `user_config` whose policy differs from the one deployed before.
+from the admin endpoint or from a `user_config` whose policy differs from the one deployed before. The routing
+(versions, weights, buckets, shadow) works the same way through its own registry, `recsys-routing-registry`: a
+rollout step or a rollback is one `publish`, effective for the next request on every replica.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from training.request.policy_config import DEFAULT_SURFACES, PolicyConfig
 
 logger = logging.getLogger("ray.serve")
 REGISTRY_NAME = "recsys-policy-registry"
+ROUTING_REGISTRY_NAME = "recsys-routing-registry"  # the live versions, weights, buckets and shadow
 ADMIN_TOKEN_ENV = "RECSYS_ADMIN_TOKEN"  # the admin token itself, in the replicas' environment
 POLL_S = 20.0  # a follower re-polls at least this often, which is also its liveness heartbeat
 LIVE_S = 2 * POLL_S + 5.0  # a replica silent for longer is presumed gone and not waited for
@@ -43,35 +47,36 @@ def unprocessable(field: list[str], msg: str) -> HTTPException:
     return HTTPException(status_code=422, detail=[{"loc": ["body", *field], "msg": msg, "type": "value_error"}])
 
 
-class PolicyRegistry:
-    """The current policy config (a validated dict) and its version, followed by every ingress replica; run as the
-    named actor `recsys-policy-registry`. Plain asyncio, so it is unit-tested without Ray."""
+class SteeringRegistry:
+    """One validated config (the live policy, or the live routing of `deployments.ingress.routing`) and its version,
+    followed by every ingress replica; run as a named actor (`recsys-policy-registry`, `recsys-routing-registry`).
+    Plain asyncio, so it is unit-tested without Ray."""
 
-    def __init__(self) -> None:
-        self.version, self.policy, self.base = 0, PolicyConfig().to_dict(), None
+    def __init__(self, initial: dict[str, Any] | None = None) -> None:
+        self.version, self.value, self.base = 0, dict(initial or {}), None
         self.seen: dict[str, tuple[int, float]] = {}  # replica -> (version it runs, monotonic time last heard)
         self._changed = asyncio.Event()
 
-    def _bump(self, policy: dict[str, Any]) -> int:
-        self.version, self.policy = self.version + 1, policy
+    def _bump(self, value: dict[str, Any]) -> int:
+        self.version, self.value = self.version + 1, value
         self._changed.set()  # wakes every waiting follower; the next wait gets a fresh event
         self._changed = asyncio.Event()
         return self.version
 
-    async def publish_base(self, policy: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """A replica's `user_config` policy: it becomes current only when it differs from the last one published,
+    async def publish_base(self, value: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A replica's `user_config` value: it becomes current only when it differs from the last one published,
         so the N replicas of one deployment (and later autoscaled ones) do not undo an admin change."""
-        if policy != self.base:
-            self.base = policy
-            self._bump(policy)
-        return self.version, self.policy
+        if value != self.base:
+            self.base = value
+            self._bump(value)
+        return self.version, self.value
 
-    async def set(self, policy: dict[str, Any]) -> int:
-        """Stores a validated policy (the admin endpoint); returns its version."""
-        return self._bump(policy)
+    async def set(self, value: dict[str, Any]) -> int:
+        """Stores a validated value (an admin change, a rollout step); returns its version."""
+        return self._bump(value)
 
     async def current(self) -> tuple[int, dict[str, Any]]:
-        return self.version, self.policy
+        return self.version, self.value
 
     async def wait_newer(self, replica: str, version: int, timeout_s: float = POLL_S) -> tuple[int, dict[str, Any]]:
         """Records that ``replica`` runs ``version``; returns as soon as a newer one exists (or after timeout_s)."""
@@ -81,7 +86,7 @@ class PolicyRegistry:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except asyncio.TimeoutError:
                 pass
-        return self.version, self.policy
+        return self.version, self.value
 
     async def leave(self, replica: str) -> None:
         """A replica shutting down (a roll, a downscale) is no longer waited for."""
@@ -95,6 +100,20 @@ class PolicyRegistry:
     async def applied(self, version: int) -> int:
         now = time.monotonic()
         return sum(1 for v, t in self.seen.values() if now - t <= LIVE_S and v >= version)
+
+
+async def publish(registry: Any, value: dict[str, Any],
+                  timeout_s: float = ACK_TIMEOUT_S) -> tuple[int, list[str], int]:
+    """Stores a validated value in a registry and waits up to `timeout_s` for every live replica to run it:
+    (version, replicas still pending, replicas that applied it). `registry`: `ActorCalls` of the actor, or a
+    `SteeringRegistry` in process."""
+    version = await registry.set(value)
+    deadline = time.monotonic() + timeout_s
+    pending = await registry.pending(version)
+    while pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        pending = await registry.pending(version)
+    return version, pending, await registry.applied(version)
 
 
 def check_admin_token(authorization: str | None, expected_sha256: str | None) -> None:
@@ -118,24 +137,67 @@ def parse_policy(policy: Mapping[str, Any] | None, where: list[str]) -> PolicyCo
         raise unprocessable(where, str(e)) from e
 
 
-def registry_actor() -> ActorCalls:
-    """The cluster's registry actor, created by the first replica that asks."""
+def registry_actor(name: str = REGISTRY_NAME, initial: dict[str, Any] | None = None) -> ActorCalls:
+    """The cluster's registry actor of that name, created (holding `initial`) by the first replica that asks."""
     # [1] one registry for all replicas; detached so it outlives any replica, no CPU so it always fits
-    actor = ray.remote(PolicyRegistry).options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
-                                               get_if_exists=True, num_cpus=0).remote()
+    actor = ray.remote(SteeringRegistry).options(name=name, namespace=NAMESPACE, lifetime="detached",
+                                                 get_if_exists=True, num_cpus=0).remote(initial)
     return ActorCalls(actor)
 
 
-class PolicySteering:
-    """One ingress replica's live policy: the config it runs, its presets per surface, and the follower that applies
-    every newer registry version as it appears."""
+class Follower:
+    """One ingress replica's copy of a registry's value: applies every newer version as it appears (a long poll on
+    the replica's event loop). Subclasses parse the value in `apply`, once per version, so requests stay cheap."""
 
     def __init__(self, registry: Any, replica: str) -> None:
-        """registry: `ActorCalls` of the registry actor, or a `PolicyRegistry` in process (same async methods)."""
-        self.registry, self.replica = registry, replica
-        self.policy, self.version = PolicyConfig(), 0
-        self._by_surface: dict[str, PolicyConfig] = {}
+        """registry: `ActorCalls` of the registry actor, or a `SteeringRegistry` in process (same async methods)."""
+        self.registry, self.replica, self.version = registry, replica, 0
         self._follower: asyncio.Task | None = None
+
+    def apply(self, value: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _use(self, version: int, value: dict[str, Any]) -> None:
+        if version > self.version:
+            self.apply(value)  # stored validated: this does not raise
+            self.version = version
+
+    async def publish_base(self, value: dict[str, Any]) -> None:
+        """Applies a `user_config` value through the registry and starts following it (on the replica's loop)."""
+        self._use(*await self.registry.publish_base(value))
+        if self._follower is None:  # [2] started on the replica's event loop, where requests run
+            self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                self._use(*await self.registry.wait_newer(self.replica, self.version))
+            except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError) as e:
+                logger.warning(f"{type(self).__name__}: registry unreachable ({type(e).__name__}); retrying in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def set(self, value: dict[str, Any]) -> tuple[int, list[str], int]:
+        """Stores a validated value and waits for every live replica to run it (see `publish`)."""
+        return await publish(self.registry, value)
+
+    async def leave(self) -> None:
+        """Stops following and leaves the registry, so a change does not wait for a replica that is gone (one that
+        dies without it ages out after LIVE_S)."""
+        if self._follower is not None:
+            self._follower.cancel()
+        try:
+            await self.registry.leave(self.replica)
+        except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError):
+            pass  # the registry is gone too: nothing to leave
+
+
+class PolicySteering(Follower):
+    """One ingress replica's live policy: the config it runs and its presets per surface."""
+
+    def __init__(self, registry: Any, replica: str) -> None:
+        super().__init__(registry, replica)
+        self.policy = PolicyConfig()
+        self._by_surface: dict[str, PolicyConfig] = {}
 
     def surface(self, page: str | None) -> str:
         """The surface a page belongs to: the standard surfaces (home, category, search) and every page with a
@@ -148,42 +210,5 @@ class PolicySteering:
             config = self._by_surface[surface] = self.policy.for_page(surface)
         return config
 
-    async def publish_base(self, policy: PolicyConfig) -> None:
-        """Applies a `user_config` policy through the registry and starts following it (on the replica's loop)."""
-        self._use(*await self.registry.publish_base(policy.to_dict()))
-        if self._follower is None:  # [2] started on the replica's event loop, where requests run
-            self._follower = asyncio.get_running_loop().create_task(self._follow())
-
-    def _use(self, version: int, policy: dict[str, Any]) -> None:
-        if version > self.version:
-            config = PolicyConfig.from_dict(policy)  # stored validated; parsing once here keeps requests cheap
-            self.policy, self._by_surface, self.version = config, {}, version
-
-    async def _follow(self) -> None:
-        while True:
-            try:
-                self._use(*await self.registry.wait_newer(self.replica, self.version))
-            except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError) as e:
-                logger.warning(f"policy registry unreachable ({type(e).__name__}); retrying in 1 s")
-                await asyncio.sleep(1.0)
-
-    async def set(self, config: PolicyConfig) -> tuple[int, list[str], int]:
-        """Stores a validated config and waits up to ACK_TIMEOUT_S for every live replica to run it:
-        (version, replicas still pending, replicas that applied it)."""
-        version = await self.registry.set(config.to_dict())
-        deadline = time.monotonic() + ACK_TIMEOUT_S
-        pending = await self.registry.pending(version)
-        while pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-            pending = await self.registry.pending(version)
-        return version, pending, await self.registry.applied(version)
-
-    async def leave(self) -> None:
-        """Stops following and leaves the registry, so an admin change does not wait for a replica that is gone
-        (one that dies without it ages out after LIVE_S)."""
-        if self._follower is not None:
-            self._follower.cancel()
-        try:
-            await self.registry.leave(self.replica)
-        except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError):
-            pass  # the registry is gone too: nothing to leave
+    def apply(self, value: dict[str, Any]) -> None:
+        self.policy, self._by_surface = PolicyConfig.from_dict(value), {}

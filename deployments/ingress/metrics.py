@@ -53,3 +53,31 @@ class PolicyMetrics:
         self.latency.observe(policy_ms, tags)
         for rule, n in figures["rules"].items():
             self.rule_items.inc(n, {**tags, "rule": rule})
+
+
+STAGE_MS_BOUNDARIES = [1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500]
+
+
+class RequestMetrics:
+    """Per served version: stage latency histograms (features, retrieval, ranking, policy, total), answers, and the
+    shadow version's latency and overlap with what was served."""
+
+    def __init__(self) -> None:
+        self.stage_ms = metrics.Histogram("recsys_stage_ms", "Milliseconds per request stage.",
+                                          boundaries=STAGE_MS_BOUNDARIES, tag_keys=("model_version", "stage"))
+        self.requests = metrics.Counter("recsys_requests", "Answers served per version.", tag_keys=("model_version",))
+        self.shadow_ms = metrics.Histogram("recsys_shadow_ms", "Milliseconds of a shadow answer.",
+                                           boundaries=STAGE_MS_BOUNDARIES, tag_keys=("model_version",))
+        self.shadow_overlap = metrics.Histogram("recsys_shadow_overlap", "Overlap@k of a shadow answer with the "
+                                                "served one.", boundaries=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0],
+                                                tag_keys=("model_version",))
+
+    def record(self, version: str, timings_ms: Mapping[str, float]) -> None:
+        self.requests.inc(1, {"model_version": version})
+        for stage, ms in timings_ms.items():
+            self.stage_ms.observe(ms, {"model_version": version, "stage": stage})
+
+    def record_shadow(self, version: str, ms: float, overlap: float) -> None:
+        tags = {"model_version": version}
+        self.shadow_ms.observe(ms, tags)
+        self.shadow_overlap.observe(overlap, tags)

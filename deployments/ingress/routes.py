@@ -26,14 +26,18 @@ from deployments.ingress.access import (API_KEY_HEADER, BodyLimit, api_key_diges
                                         operator_fields)
 from deployments.backpressure import RETRY_AFTER_S, SHED
 from deployments.ingress.admission import INGRESS_MAX_ONGOING, INGRESS_MIN_ADMITTED, AdaptiveLimit
-from deployments.ingress.admin import (ADMIN_TOKEN_ENV, PolicySteering, check_admin_token, parse_policy,
-                                       registry_actor, unprocessable)
-from deployments.ingress.metrics import PolicyMetrics, answer_figures
+from deployments.ingress.admin import (ADMIN_TOKEN_ENV, ROUTING_REGISTRY_NAME, PolicySteering, check_admin_token,
+                                       parse_policy, registry_actor, unprocessable)
+from deployments.ingress.metrics import PolicyMetrics, RequestMetrics, answer_figures
 from deployments.ingress.request_path import STAGE_TIMEOUT_S, STORE_TIMEOUT_S, StageUnavailable, answer
-from deployments.ingress.routing import (VersionStages, assign_buckets, choose_version, decode_table, encode_table,
-                                         parse_weights)
+from deployments.ingress.routing import LiveRouting, Routing, RoutingSteering, VersionStages, encode_table
+from deployments.rollout import CONTROLLER_NAME, REPORT_S
+from deployments.rollout.figures import Outcomes
 from deployments.schemas import (EventsRequest, EventsResponse, LiveVersion, PolicyStateResponse, PolicyUpdateRequest,
-                                 RecommendedItem, RecommendRequest, RecommendResponse, VersionsResponse)
+                                 RecommendedItem, RecommendRequest, RecommendResponse, RolloutShiftRequest,
+                                 RolloutStartRequest, RolloutVersionRequest, ShadowRequest, VersionsResponse)
+from training import NAMESPACE
+from training.metrics import overlap_at_k, rank_correlation
 from deployments.store import EMBEDDED, StoreClient, open_store
 from training.request.policy_config import PolicyConfig
 
@@ -67,6 +71,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 USER_CONFIG_KEYS = ("versions", "buckets", "policy", "admin_token_sha256", "api_keys_sha256", "candidates",
                     "stage_timeout_s", "store_timeout_s")
 CANDIDATES = 500  # retrieved per request and ranked
+MAX_SHADOW_IN_FLIGHT = 4  # shadow answers running at once per replica; beyond it a shadow sample is skipped
 
 
 def _replica_id() -> str:
@@ -85,19 +90,22 @@ def _replica_id() -> str:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, store: StoreClient | None = None, registry: Any = None,
-                 stages: dict[str, dict[str, DeploymentHandle]] | None = None, store_spec: str = EMBEDDED) -> None:
+                 stages: dict[str, dict[str, DeploymentHandle]] | None = None, store_spec: str = EMBEDDED,
+                 routing_registry: Any = None, controller: Any = None) -> None:
         """Collaborators default to the cluster's: the online store (`store_spec`: the embedded actor or a redis://
-        URL), the policy registry actor, and each live version's deployments looked up by handle. Serve's local
-        testing mode passes in-process ones instead (`tests/unit/deployments`): a store, a `PolicyRegistry`, and
-        {version: {"retrieval", "ranking", "version"}} bound deployments."""
+        URL), the policy and routing registry actors, the rollout controller, and each live version's deployments
+        looked up by handle. Serve's local testing mode passes in-process ones instead (`tests/unit/deployments`): a
+        store, `SteeringRegistry`s, and {version: {"retrieval", "ranking", "version"}} bound deployments."""
         self.store = store or open_store(store_spec)
-        self.fixed_stages = {v: VersionStages(**s) for v, s in (stages or {}).items()}
-        self.weights: dict[str, float] = {}
-        self.table: list[str] = []  # bucket -> version (deployments.ingress.routing)
-        self.stages: dict[str, VersionStages] = {}
+        replica = _replica_id()
+        fixed = {v: VersionStages(**s) for v, s in (stages or {}).items()}
+        self.routing = RoutingSteering(routing_registry or registry_actor(ROUTING_REGISTRY_NAME), replica, fixed)
+        self.replica, self.outcomes, self._controller = replica, Outcomes(), controller
+        self._controller_looked_up, self._reporter, self._shadows = 0.0, None, set()
+        self.request_metrics = RequestMetrics()
         self.candidates, self.stage_timeout_s, self.store_timeout_s = CANDIDATES, STAGE_TIMEOUT_S, STORE_TIMEOUT_S
         self.api_keys = api_key_digests(None)
-        self.steering = PolicySteering(registry or registry_actor(), _replica_id())
+        self.steering = PolicySteering(registry or registry_actor(), replica)
         env_token = os.environ.get(ADMIN_TOKEN_ENV)
         self.env_token_sha256 = hashlib.sha256(env_token.encode()).hexdigest() if env_token else None
         self.token_sha256 = self.env_token_sha256
@@ -112,9 +120,8 @@ class Ingress:
         unknown = set(user_config) - set(USER_CONFIG_KEYS)
         if unknown:
             raise ValueError(f"ingress user_config: unknown keys {sorted(unknown)}; expected {list(USER_CONFIG_KEYS)}")
-        weights = parse_weights(user_config.get("versions", {}))
-        previous = decode_table(user_config["buckets"]) if user_config.get("buckets") else None
-        table = assign_buckets(weights, previous)  # the same on every replica: a function of the user_config
+        # the same on every replica: a function of the user_config; a rollout publishes newer ones (routing.py)
+        routing = Routing.from_dict({k: user_config[k] for k in ("versions", "buckets") if k in user_config})
         policy = PolicyConfig.from_dict(user_config.get("policy"))
         candidates = user_config.get("candidates", CANDIDATES)
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -125,16 +132,18 @@ class Ingress:
             if isinstance(timeouts[key], bool) or not isinstance(timeouts[key], (int, float)) or timeouts[key] <= 0:
                 raise ValueError(f"ingress user_config.{key}: a positive number of seconds, got {timeouts[key]!r}")
         api_keys = api_key_digests(user_config.get("api_keys_sha256"))
-        stages = {v: self.fixed_stages.get(v) or VersionStages.of(v) for v in weights}  # [1] by handle
-        self.weights, self.stages, self.candidates, self.api_keys = weights, stages, candidates, api_keys
-        self.table = table
+        self.candidates, self.api_keys = candidates, api_keys
         self.stage_timeout_s, self.store_timeout_s = float(timeouts["stage_timeout_s"]), float(timeouts["store_timeout_s"])
         self.token_sha256 = user_config.get("admin_token_sha256") or self.env_token_sha256
-        await self.steering.publish_base(policy)
+        await self.steering.publish_base(policy.to_dict())
+        await self.routing.publish_base(routing.to_dict())  # [1] each version's stages by handle
+        if self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report())
 
     async def __del__(self) -> None:
         """Serve calls this when the replica shuts down."""
         await self.steering.leave()
+        await self.routing.leave()
 
     @app.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest, x_request_id: str | None = Header(None, max_length=128),
@@ -147,30 +156,37 @@ class Ingress:
             if not authorization:
                 raise forbidden(reserved)
             check_admin_token(authorization, self.token_sha256)
-        if req.version is not None and req.version not in self.stages:
-            raise HTTPException(404, f"version {req.version!r} is not live; live versions: {sorted(self.stages)}")
+        live = self.routing.live  # [3] read once: the request's version and its stages never change under it
+        if req.version is not None and req.version not in live.stages:
+            raise HTTPException(404, f"version {req.version!r} is not live; live versions: {sorted(live.stages)}")
         surface = self.steering.surface(req.context.page)
         try:
             policy = self.steering.config_for(surface).with_overrides(req.policy)
         except ValueError as e:
             raise unprocessable(["policy"], str(e)) from e
         request_id = req.request_id or x_request_id or uuid.uuid4().hex
-        version = req.version or choose_version(req.user_id, self.table)
+        version = req.version or live.choose(req.user_id)
         if not self.admission.try_admit():  # [2] beyond what the stages serve at near-unloaded latency
             raise HTTPException(503, "overloaded: retry after the time in Retry-After",
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
         t_admitted = time.perf_counter()
+        context, item_filter = req.context.model_dump(), req.filters.to_filter()
         try:
-            out = await answer(req.user_id, req.context.model_dump(), req.k, self.stages[version], self.store, policy,
-                               request_id, self.candidates, req.filters.to_filter(), self.stage_timeout_s,
-                               self.store_timeout_s)
+            out = await answer(req.user_id, context, req.k, live.stages[version], self.store, policy,
+                               request_id, self.candidates, item_filter, self.stage_timeout_s, self.store_timeout_s)
         except StageUnavailable as e:  # shed or timed out: at once, with when to come back
+            self.outcomes.record(version, 0.0, error=True)
             raise HTTPException(e.status_code, f"version {version} is overloaded: {e}",
                                 headers={"Retry-After": str(max(1, round(e.retry_after_s)))}) from e
         except Exception as e:  # a failing stage answers with a clear error, never a hang or a crash
+            self.outcomes.record(version, 0.0, error=True)
             raise HTTPException(503, f"version {version} could not answer: {type(e).__name__}: {e}") from e
         finally:  # only requests that ran the stages teach the limit what latency they get
             self.admission.done(time.perf_counter() - t_admitted)
+        mixed = out.mixed(version)
+        if mixed:  # never served: an answer is one version's (the rollout's guards halt on this)
+            self.outcomes.record(version, 0.0, error=True, mixed=True)
+            raise HTTPException(503, f"version {version}: parts of the answer came from other versions: {mixed}")
         final = out.final
         self.metrics.record(version, surface, answer_figures(final, req.k, out.now, policy.new_item_days),
                             out.timings_ms["policy"])
@@ -178,14 +194,112 @@ class Ingress:
                                  category=final.categories[i], reason=final.reasons[i])
                  for i in range(min(req.k, len(final)))]
         timings = {**out.timings_ms, "total": (time.perf_counter() - t0) * 1000.0}
+        self.outcomes.record(version, timings["total"], empty=not items)
+        self.request_metrics.record(version, timings)
+        shadow = live.routing.shadow
+        if shadow and shadow != version and self.outcomes.rng.random() < live.routing.shadow_share:
+            self._start_shadow(live, shadow, (req.user_id, context, req.k), policy, request_id, item_filter,
+                               final.item_ids[:req.k])
         return RecommendResponse(user_id=req.user_id, request_id=request_id, version=version,
                                  cold_start=out.cold_start, partial=out.partial, store_fallback=out.store_fallback,
-                                 items=items,
+                                 items=items, stage_versions=out.stage_versions,
                                  timings_ms={k: round(v, 3) for k, v in timings.items()})
+
+    def _start_shadow(self, live: LiveRouting, version: str, request: tuple[str, dict, int], policy: PolicyConfig,
+                      request_id: str, item_filter: Any, served: list[str]) -> None:
+        """Answers the request again with the shadow version, off the response's path; keeps only the diff."""
+        if len(self._shadows) >= MAX_SHADOW_IN_FLIGHT:
+            return
+        user_id, context, k = request
+
+        async def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                out = await answer(user_id, context, k, live.stages[version], self.store, policy, request_id,
+                                   self.candidates, item_filter, self.stage_timeout_s, self.store_timeout_s)
+            except Exception:  # noqa: BLE001 - a failing shadow counts as its error, never the user's
+                self.outcomes.record_shadow(version, None, None, None)
+                return
+            ms = (time.perf_counter() - t0) * 1000.0
+            mine = out.final.item_ids[:k]
+            overlap, tau = overlap_at_k(served, mine, k), rank_correlation(served, mine, k)
+            self.outcomes.record_shadow(version, ms, overlap, tau)
+            self.request_metrics.record_shadow(version, ms, overlap)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    def _controller_handle(self) -> Any:
+        """The rollout controller, looked up by name at most every 10 s (None while there is none)."""
+        if self._controller is None and time.monotonic() - self._controller_looked_up > 10.0:
+            self._controller_looked_up = time.monotonic()
+            import ray
+
+            try:
+                self._controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE) if ray.is_initialized() else None
+            except ValueError:  # none yet
+                self._controller = None
+        return self._controller
+
+    async def _report(self) -> None:
+        """Every REPORT_S, this replica's per-version figures to the rollout controller (its guards and status)."""
+        while True:
+            await asyncio.sleep(REPORT_S)
+            snapshot = self.outcomes.flush()
+            controller = self._controller_handle() if snapshot else None
+            if controller is None:
+                continue
+            try:
+                await controller.report.remote(self.replica, time.time(), snapshot)
+            except Exception:  # noqa: BLE001 - a controller gone: look it up again later
+                self._controller = None
+
+    async def _rollout(self, authorization: str | None, method: str, *args: Any) -> JSONResponse:
+        """An admin rollout operation, run by the rollout controller: its (status, body) as the answer."""
+        check_admin_token(authorization, self.token_sha256)
+        controller = self._controller_handle()
+        if controller is None:
+            raise HTTPException(503, "no rollout controller runs in this cluster: `recsys serve` starts one "
+                                     "(cluster.serving.start_rollout)", headers={"Retry-After": "10"})
+        try:
+            status, body = await getattr(controller, method).remote(*args)
+        except Exception as e:  # noqa: BLE001 - the controller died or failed: say so, never hang
+            self._controller = None
+            raise HTTPException(503, f"rollout controller: {type(e).__name__}: {e}") from e
+        return _AsciiJSON(body, status_code=status)
+
+    @app.get("/admin/rollout")
+    async def rollout_status(self, authorization: str | None = Header(None)) -> JSONResponse:
+        """The live routing, the current rollout (phase, gate report, steps) and the last minute's figures."""
+        return await self._rollout(authorization, "status")
+
+    @app.post("/admin/rollout/start", status_code=202)
+    async def rollout_start(self, req: RolloutStartRequest, authorization: str | None = Header(None)) -> JSONResponse:
+        """Deploys a candidate beside the live versions (its own index and application, no traffic) and runs the
+        gate; poll GET /admin/rollout for its outcome."""
+        return await self._rollout(authorization, "start", req.version, req.bundle)
+
+    @app.post("/admin/rollout/shift", status_code=202)
+    async def rollout_shift(self, req: RolloutShiftRequest, authorization: str | None = Header(None)) -> JSONResponse:
+        return await self._rollout(authorization, "shift", req.version, req.to, req.every_s)
+
+    @app.post("/admin/rollout/rollback")
+    async def rollout_rollback(self, authorization: str | None = Header(None)) -> JSONResponse:
+        return await self._rollout(authorization, "rollback")
+
+    @app.post("/admin/rollout/retire")
+    async def rollout_retire(self, req: RolloutVersionRequest,
+                             authorization: str | None = Header(None)) -> JSONResponse:
+        return await self._rollout(authorization, "retire", req.version)
+
+    @app.post("/admin/rollout/shadow")
+    async def rollout_shadow(self, req: ShadowRequest, authorization: str | None = Header(None)) -> JSONResponse:
+        return await self._rollout(authorization, "shadow", req.version, req.share)
 
     async def routing_table(self) -> list[list[Any]]:
         """The live routing table as runs (not an HTTP route): what the next deploy re-weights from."""
-        return encode_table(self.table)
+        return encode_table(list(self.routing.live.routing.table))
 
     @app.get("/admin/policy", response_model=PolicyStateResponse)
     async def get_policy(self, authorization: str | None = Header(None)) -> PolicyStateResponse:
@@ -201,7 +315,7 @@ class Ingress:
         confirmed it, 504 (config stored, still spreading) when some did not in time."""
         check_admin_token(authorization, self.token_sha256)
         config = parse_policy(req.policy, ["policy"])
-        version, pending, applied = await self.steering.set(config)
+        version, pending, applied = await self.steering.set(config.to_dict())
         body = PolicyStateResponse(version=version, policy=config.to_dict(), pending_replicas=pending,
                                    applied_replicas=applied)
         if pending:
@@ -234,16 +348,20 @@ class Ingress:
 
     @app.get("/versions", response_model=VersionsResponse)
     async def versions(self) -> VersionsResponse:
-        infos = await asyncio.gather(*[self.stages[v].version.info.remote() for v in self.weights])
-        return VersionsResponse(versions=[LiveVersion(version=v, weight=self.weights[v], bundle=i["bundle"],
-                                                      index=i["index"]) for v, i in zip(self.weights, infos)])
+        live = self.routing.live
+        weights = live.routing.weights
+        infos = await asyncio.gather(*[live.stages[v].version.info.remote() for v in weights])
+        return VersionsResponse(versions=[LiveVersion(version=v, weight=weights[v], bundle=i["bundle"],
+                                                      index=i["index"]) for v, i in zip(weights, infos)])
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        results = await asyncio.gather(*[self.stages[v].version.health.remote() for v in self.weights],
+        live = self.routing.live
+        weights = live.routing.weights
+        results = await asyncio.gather(*[live.stages[v].version.health.remote() for v in weights],
                                        self.store.stats(), return_exceptions=True)
-        failed = {name: f"{type(r).__name__}: {r}" for name, r in zip([*self.weights, "online_store"], results)
+        failed = {name: f"{type(r).__name__}: {r}" for name, r in zip([*weights, "online_store"], results)
                   if isinstance(r, BaseException)}
-        body = {"status": "ok" if not failed else "unavailable", "failed": failed,
-                "versions": {v: self.weights[v] for v in self.weights}, "admission": self.admission.stats()}
+        body = {"status": "ok" if not failed else "unavailable", "failed": failed, "versions": dict(weights),
+                "admission": self.admission.stats()}
         return JSONResponse(body, status_code=200 if not failed else 503)

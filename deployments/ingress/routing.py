@@ -9,15 +9,33 @@ shrink to versions that grow, however many versions are live; a version whose sh
 users. A split cannot be sticky in that sense as a function of the weights alone (three versions at 50% in turn
 would need three disjoint halves), so the table is state: the ingress's `user_config` carries it (`buckets`, run
 length encoded), and `cluster.serving.deploy_ingress` reads the live one before it deploys the next.
+
+The live routing (`Routing`: weights, table, shadow traffic) reaches every replica through the routing registry
+(`deployments.ingress.admin`): a `user_config` publishes its base, a rollout step (`deployments.rollout`) publishes
+the next one, and each replica's `RoutingSteering` swaps in the new `LiveRouting` at once. A request reads it once
+when it starts, so its version, and that version's stages, never change under it.
 """
 from __future__ import annotations
 
+import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+
+from deployments.ingress.admin import Follower
+
+
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a version names an application and its shards
+
+
+def check_version_name(version: Any, where: str = "version") -> str:
+    if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
+        raise ValueError(f"{where}: a version name is 1-64 letters, digits, '_', '.', '-' (starting with a letter or "
+                         f"digit), got {version!r}")
+    return version
 
 
 def version_app_name(version: str) -> str:
@@ -30,6 +48,7 @@ def parse_weights(versions: Mapping[str, Any]) -> dict[str, float]:
         raise ValueError("versions: at least one live version is required")
     weights = {}
     for name, w in versions.items():
+        check_version_name(name, f"versions.{name}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ValueError(f"versions.{name}: weight must be a number >= 0, got {w!r}")
         weights[str(name)] = float(w)
@@ -101,6 +120,69 @@ def choose_version(user_id: str, table: list[str]) -> str:
     return table[bucket_of(user_id)]
 
 
+def shifted_weights(weights: Mapping[str, float], green: str, percent: float) -> dict[str, float]:
+    """`green` at `percent` of the traffic, every other version keeping its share of the rest: a rollout step. The
+    other versions only shrink and green only grows, so `assign_buckets` moves users only from them to green."""
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percent: between 0 and 100, got {percent!r}")
+    others = {v: w for v, w in weights.items() if v != green}
+    total = sum(others.values())
+    if total <= 0 and percent < 100:
+        raise ValueError(f"no version but {green} takes traffic: it cannot be shifted below 100%")
+    out = {v: w * (100.0 - percent) / total for v, w in others.items()} if total > 0 else dict.fromkeys(others, 0.0)
+    out[green] = float(percent)
+    return out
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The live split: weights (a version at weight 0 is live, reachable by a forced `version` and by shadow
+    traffic, but owns no bucket), the bucket table, and the shadow traffic (a share of requests also answered by
+    `shadow`, the answers never returned)."""
+
+    weights: dict[str, float]
+    table: tuple[str, ...]
+    shadow: str | None = None
+    shadow_share: float = 0.0
+
+    @classmethod
+    def make(cls, weights: Mapping[str, Any], previous: list[str] | tuple[str, ...] | None = None,
+             shadow: str | None = None, shadow_share: float = 0.0) -> "Routing":
+        weights = parse_weights(weights)
+        if shadow is not None and shadow not in weights:
+            raise ValueError(f"shadow.version: {shadow!r} is not live; live versions: {sorted(weights)}")
+        if isinstance(shadow_share, bool) or not isinstance(shadow_share, (int, float)) or not 0 <= shadow_share <= 1:
+            raise ValueError(f"shadow.share: a fraction between 0 and 1, got {shadow_share!r}")
+        return cls(weights, tuple(assign_buckets(weights, list(previous) if previous else None)),
+                   shadow if shadow_share > 0 else None, float(shadow_share) if shadow is not None else 0.0)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Routing":
+        """{"versions": {...}, "buckets": runs or absent, "shadow": {"version", "share"} or absent}; the table is
+        re-derived from the buckets and the weights, so a stale table is repaired, never trusted."""
+        unknown = set(d) - {"versions", "buckets", "shadow"}
+        if unknown:
+            raise ValueError(f"routing: unknown keys {sorted(unknown)}")
+        previous = decode_table(d["buckets"]) if d.get("buckets") else None
+        shadow = d.get("shadow") or {}
+        if not isinstance(shadow, Mapping) or set(shadow) - {"version", "share"}:
+            raise ValueError("shadow: {\"version\": <live version>, \"share\": <fraction>}")
+        return cls.make(d.get("versions", {}), previous, shadow.get("version"), shadow.get("share", 0.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"versions": dict(self.weights), "buckets": encode_table(list(self.table))}
+        if self.shadow is not None:
+            out["shadow"] = {"version": self.shadow, "share": self.shadow_share}
+        return out
+
+    def shares(self) -> dict[str, float]:
+        """The share of users (buckets) each version serves."""
+        counts = dict.fromkeys(self.weights, 0)
+        for owner in self.table:
+            counts[owner] += 1
+        return {v: n / BUCKETS for v, n in counts.items()}
+
+
 @dataclass(frozen=True)
 class VersionStages:
     """The handles of one live version's deployments: its two request-path stages and its describing ingress."""
@@ -115,3 +197,31 @@ class VersionStages:
         app = version_app_name(version)
         return cls(serve.get_deployment_handle("Retrieval", app), serve.get_deployment_handle("Ranking", app),
                    serve.get_app_handle(app))
+
+
+@dataclass(frozen=True)
+class LiveRouting:
+    """What a request reads once when it starts: the routing and the stages of every live version."""
+
+    routing: Routing
+    stages: dict[str, VersionStages] = field(default_factory=dict)
+
+    def choose(self, user_id: str) -> str:
+        return self.routing.table[bucket_of(user_id)]
+
+
+class RoutingSteering(Follower):
+    """One ingress replica's live routing, following the routing registry: each new value becomes a new
+    `LiveRouting`, swapped in whole (requests in flight keep the one they read)."""
+
+    def __init__(self, registry: Any, replica: str, fixed_stages: Mapping[str, VersionStages] | None = None) -> None:
+        """fixed_stages: in-process stages by version (Serve's local testing mode); others are looked up by handle."""
+        super().__init__(registry, replica)
+        self.fixed_stages = dict(fixed_stages or {})
+        self.live: LiveRouting | None = None
+
+    def apply(self, value: dict[str, Any]) -> None:
+        routing = Routing.from_dict(value)
+        known = self.live.stages if self.live else {}
+        stages = {v: known.get(v) or self.fixed_stages.get(v) or VersionStages.of(v) for v in routing.weights}
+        self.live = LiveRouting(routing, stages)

@@ -113,10 +113,10 @@ def test_bad_admin_policy_is_a_422_naming_the_field():
 def test_registry_wakes_followers_tracks_what_each_replica_runs_and_keeps_admin_changes_over_same_base():
     import asyncio
 
-    from deployments.ingress.admin import PolicyRegistry
+    from deployments.ingress.admin import SteeringRegistry
 
     async def scenario() -> None:
-        reg = PolicyRegistry()
+        reg = SteeringRegistry()
         v1, _ = await reg.publish_base({"max_brand_run": 1})
         assert (await reg.publish_base({"max_brand_run": 1}))[0] == v1  # a second replica: no new version
         waiting = asyncio.create_task(reg.wait_newer("r1", v1, timeout_s=5.0))
@@ -152,9 +152,9 @@ def test_answer_figures_count_brands_runs_novelty_and_rules():
 
 
 def test_unknown_pages_share_one_surface_so_caches_and_metric_tags_stay_bounded():
-    from deployments.ingress.admin import OTHER_SURFACE, PolicyRegistry, PolicySteering
+    from deployments.ingress.admin import OTHER_SURFACE, SteeringRegistry, PolicySteering
 
-    steering = PolicySteering(PolicyRegistry(), "replica-1")
+    steering = PolicySteering(SteeringRegistry(), "replica-1")
     assert steering.surface("home") == "home" and steering.surface(None) == OTHER_SURFACE
     pages = [f"page-{i}" for i in range(500)] + ["\ud800 broken"]
     surfaces = {steering.surface(p) for p in pages}

@@ -11,7 +11,7 @@ from fastapi import HTTPException
 from ray import serve
 
 from deployments.calls import LocalCalls
-from deployments.ingress.admin import PolicyRegistry
+from deployments.ingress.admin import SteeringRegistry
 from deployments.ingress.routes import Ingress
 from deployments.ranking import Ranking
 from deployments.retrieval import Retrieval
@@ -58,7 +58,8 @@ def local_app(tmp_path_factory):
     user_config = {"versions": {"v1": 100}, "policy": {}, "candidates": 200,
                    "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     app = Ingress.options(user_config=user_config).bind(
-        local_store(state), PolicyRegistry(), {"v1": {"retrieval": retrieval, "ranking": ranking, "version": version}})
+        local_store(state), SteeringRegistry(), {"v1": {"retrieval": retrieval, "ranking": ranking, "version": version}},
+        routing_registry=SteeringRegistry())
     handle = serve.run(app, _local_testing_mode=True)
     engaged = [u for u in shop.events.column("user_id").to_pylist()[:200] if state.get(u)["items"]]
     return {"handle": handle, "shop": shop, "user": engaged[0], "shards": shards, "bundle": str(path), "state": state}
@@ -197,3 +198,23 @@ def test_a_shard_that_fails_leaves_a_partial_answer_from_the_others_and_none_ans
         asyncio.run(dead.retrieve(RetrievalRequest(state, {}, 50)))
     with pytest.raises(RuntimeError, match="no index shard"):
         asyncio.run(dead.check_health())
+
+
+def test_every_part_of_an_answer_belongs_to_the_version_that_served_it(local_app):
+    out = recommend(local_app, user_id=local_app["user"], k=5)
+    assert out.stage_versions == {"retrieval": "v1", "index": "v1", "ranking": "v1"}
+
+
+def test_ranking_refuses_candidates_of_another_version(local_app):
+    import asyncio
+    import dataclasses
+
+    from training.request.contracts import RankRequest, RetrievalRequest
+
+    retrieval = Retrieval.func_or_class(local_app["bundle"], 1, shards=[LocalCalls(s) for s in local_app["shards"]])
+    ranking = Ranking.func_or_class(local_app["bundle"], 1, False)
+    found = asyncio.run(retrieval.retrieve(RetrievalRequest(local_app["state"].get(local_app["user"]), {}, 50)))
+    assert found.version == found.index_version == "v1"
+    assert asyncio.run(ranking.rank(RankRequest(found, 10))).version == "v1"
+    with pytest.raises(ValueError, match="candidates of version 'v2'"):
+        asyncio.run(ranking.rank(RankRequest(dataclasses.replace(found, version="v2"), 10)))
