@@ -129,3 +129,18 @@ def test_the_cli_writes_what_fuzz_returns_for_the_same_seed(base_url, tmp_path, 
 def test_a_4xx_names_the_field_or_its_status_says_enough(status, body, named):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     assert names_field(status, content) is named
+
+
+def test_rollout_bench_phases_count_failures_sheds_and_answers_that_mix_versions():
+    from bench.rollout import phase_figures
+
+    def a(t, status=200, version="v1", parts=None, shed=False):
+        return {"t0": t, "t1": t + 0.05, "status": status, "shed": shed, "version": version,
+                "stage_versions": parts or {"retrieval": version, "index": version, "ranking": version}}
+
+    answers = [a(0.0), a(0.1, version="v2"), a(0.2, status=503, version=None, parts={}, shed=True),
+               a(0.3, status=500, version=None, parts={}),
+               a(0.4, parts={"retrieval": "v1", "index": "v1", "ranking": "v2"}), a(5.0)]
+    f = phase_figures(answers, 0.0, 1.0)
+    assert (f["requests"], f["failed"], f["shed"], f["mixed_versions"]) == (5, 1, 1, 1)
+    assert f["served"] == {"v1": 2, "v2": 1} and f["p50_ms"] == 50.0
