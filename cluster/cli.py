@@ -61,6 +61,17 @@ def _demo(args: argparse.Namespace, keep_serving: bool = False) -> None:
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, store=args.redis_url))
     elif args.store == "embedded":
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, store="embedded"))
+    if getattr(args, "emit_config", None):
+        import hashlib
+        import os
+
+        from cluster.demo import emit_config
+        from deployments.ingress.admin import ADMIN_TOKEN_ENV
+
+        token = os.environ.get(ADMIN_TOKEN_ENV)
+        path = emit_config(cfg, args.emit_config, hashlib.sha256(token.encode()).hexdigest() if token else None)
+        print(f"wrote {path}: serve deploy {path}")
+        return
     run_demo(cfg, keep_serving=keep_serving)
 
 
@@ -169,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="online store (default from config: serving.store): embedded (in memory, lost on "
                             "restart) or redis (durable; a local redis-server is installed and started if none answers)")
         d.add_argument("--redis-url", default="redis://127.0.0.1:6380/0", help="with --store redis")
+        if keep:
+            d.add_argument("--emit-config", type=Path, default=None, metavar="FILE.yaml",
+                           help="write the Serve config file of this deployment (for `serve deploy`) and exit; "
+                                "the admin token's digest is taken from $RECSYS_ADMIN_TOKEN")
         d.set_defaults(func=lambda a, keep=keep: _demo(a, keep_serving=keep))
     return p
 

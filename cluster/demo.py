@@ -108,6 +108,30 @@ def ensure_bundles(cfg: RecsysConfig, shop_dir: Path, phases: Phases) -> dict[st
     return bundles
 
 
+def emit_config(cfg: RecsysConfig, out: Path, admin_token_sha256: str | None = None) -> Path:
+    """Writes the Serve config file of the demo's deployment (its trained bundles), for `serve deploy FILE`."""
+    import yaml
+
+    from cluster.serving import serve_config
+
+    shop_dir = Path(cfg.data.dir)
+    if not (shop_dir / "shop.json").is_file():
+        raise FileNotFoundError(f"{shop_dir}: no shop; run `make demo` (or `recsys generate`) first")
+    root = Path(cfg.demo.bundles_dir) / f"shop-{snapshot_id(shop_dir)}-format{BUNDLE_FORMAT}"
+    bundles = {v: root / v for v in cfg.demo.versions}
+    missing = [str(p) for p in bundles.values() if not (p / INDEX_MANIFEST).is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundles without an index: {missing}; run `make demo` (or recsys train/index) first")
+    config = serve_config(bundles, dict(cfg.demo.versions), cfg.policy.to_dict(), cfg.serving, admin_token_sha256,
+                          shop_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Written by `recsys serve --emit-config`: `serve deploy` this file on a `ray start` cluster.\n"
+                   "# Editing applications[recsys].deployments[Ingress].user_config (versions, policy) and deploying\n"
+                   "# again applies in place; editing `args` rebuilds that application.\n"
+                   + yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
 def deploy(cfg: RecsysConfig, shop_dir: Path, bundles: dict[str, Path]) -> str:
     """Starts Serve, seeds the online store, deploys every version and the ingress; returns the base URL."""
     console.rule("deploying on Ray Serve")

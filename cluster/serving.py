@@ -1,6 +1,7 @@
 """Serving operations: start Serve, deploy a version's application, (re)deploy the ingress with new weights."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 import httpx
 from ray import serve
 
-from deployments.app import QUIET, ServingConfig, build_ingress_app, build_version_app
+from deployments.app import QUIET, ServingConfig, build_ingress_app, build_version_app, ingress_user_config
 from deployments.ingress.routing import version_app_name
 from deployments.redis_store import RedisActions
 from deployments.rollout.controller import start_controller
@@ -46,6 +47,30 @@ def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cf
     """
     serve.run(build_ingress_app(versions, policy, cfg, admin_token_sha256, live_routing_table()), name=INGRESS_APP,
               route_prefix="/", logging_config=QUIET)
+
+
+def serve_config(bundles: dict[str, str | Path], versions: dict[str, float], policy: dict[str, Any] | None,
+                 cfg: ServingConfig, admin_token_sha256: str | None = None,
+                 shop_dir: str | Path | None = None) -> dict[str, Any]:
+    """The Serve config file (`serve deploy`, a KubeRay RayService's `serveConfigV2`) of this deployment: one
+    application per version and the HTTP ingress, through the typed builders of `deployments.builders`. The
+    ingress's versions and policy are its `user_config`: edited in the file, they apply in place."""
+    serving = {k: v for k, v in cfg.to_dict().items() if k not in ("host", "port")}
+    apps: list[dict[str, Any]] = [
+        {"name": version_app_name(v), "route_prefix": None, "import_path": "deployments.builders:version_app",
+         "args": {"version": v, "bundle": str(Path(b).resolve()), "serving": serving}} for v, b in bundles.items()]
+    ingress_args = {"versions": dict(versions), "policy": dict(policy or {}), "serving": serving}
+    if admin_token_sha256:
+        ingress_args["admin_token_sha256"] = admin_token_sha256
+    if shop_dir is not None and cfg.store == EMBEDDED:
+        ingress_args["shop_dir"] = str(Path(shop_dir).resolve())
+    user_config = ingress_user_config(versions, policy, cfg, admin_token_sha256)  # the builder's own
+    apps.append({"name": INGRESS_APP, "route_prefix": "/", "import_path": "deployments.builders:ingress_app",
+                 "args": ingress_args, "deployments": [{"name": "Ingress", "user_config": user_config}]})
+    config = {"proxy_location": "EveryNode",
+              "http_options": {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},
+              "logging_config": dict(QUIET), "applications": apps}
+    return json.loads(json.dumps(config))  # plain data, no shared objects (YAML would write them as anchors)
 
 
 def live_routing_table() -> list[list[Any]] | None:

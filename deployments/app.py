@@ -62,6 +62,18 @@ def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Appl
     return Version.options(ray_actor_options={"num_cpus": cfg.replica_cpus / 5}).bind(retrieval, ranking, bundle_dir, version)
 
 
+def ingress_user_config(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,
+                        admin_token_sha256: str | None = None, buckets: list[list[Any]] | None = None) -> dict[str, Any]:
+    """The Ingress's user_config (see `Ingress.reconfigure`): what changes in place, without restarting it."""
+    user_config = {"versions": dict(versions), "policy": dict(policy or {}), "candidates": cfg.candidates,
+                   "stage_timeout_s": cfg.stage_timeout_s, "store_timeout_s": cfg.store_timeout_s}
+    if admin_token_sha256:
+        user_config["admin_token_sha256"] = admin_token_sha256
+    if buckets:
+        user_config["buckets"] = buckets
+    return user_config
+
+
 def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,
                       admin_token_sha256: str | None = None, buckets: list[list[Any]] | None = None) -> Application:
     """The HTTP application: the Ingress, with versions, policy and the candidate count as its user_config.
@@ -70,12 +82,7 @@ def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None,
     the token from RECSYS_ADMIN_TOKEN, and with neither the admin endpoint refuses every call. `buckets`, the live
     routing table (runs), makes the new split move users only from versions that shrink to versions that grow.
     """
-    user_config = {"versions": dict(versions), "policy": dict(policy or {}), "candidates": cfg.candidates,
-                   "stage_timeout_s": cfg.stage_timeout_s, "store_timeout_s": cfg.store_timeout_s}
-    if admin_token_sha256:
-        user_config["admin_token_sha256"] = admin_token_sha256
-    if buckets:
-        user_config["buckets"] = buckets
+    user_config = ingress_user_config(versions, policy, cfg, admin_token_sha256, buckets)
     return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
                            autoscaling_config=_autoscaling(cfg, 2), user_config=user_config).bind(
         store_spec=cfg.store)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from ray import serve
+from ray.serve import metrics
 
 from deployments.backpressure import SHED
 from deployments.calls import ActorCalls, LocalCalls
@@ -54,6 +55,10 @@ class Retrieval:
             else:
                 shards = [ActorCalls(s) for s in get_shards(bundle.version, len(manifest["shards"]))]
         self.shards = list(shards)
+        n_items = manifest["n_items"] if manifest else None
+        if n_items is not None:  # the index's size per version, for the dashboard
+            metrics.Gauge("recsys_index_items", "Items in the version's index.", tag_keys=("model_version",)).set(
+                n_items, {"model_version": self.version})
 
     async def search(self, xq: np.ndarray, k: int,
                      allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:

@@ -129,10 +129,15 @@ def test_served_answers_are_exported_as_prometheus_metrics(admin_stack):
     deadline, text = time.monotonic() + 60.0, ""
     while time.monotonic() < deadline:  # Ray reports custom metrics every few seconds
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if 'surface="category"' in text and "recsys_policy_unique_brands_bucket" in text:
+        if 'surface="category"' in text and "recsys_policy_unique_brands_bucket" in text and \
+                "recsys_stage_ms_bucket" in text:
             break
         time.sleep(2.0)
     answers = [line for line in text.splitlines() if line.startswith("ray_recsys_policy_answers")]
     assert any('surface="category"' in line and "model_version=" in line for line in answers), answers[:5]
     for name in ("unique_brands", "longest_brand_run", "novelty"):
         assert f"ray_recsys_policy_{name}_bucket" in text
+    stages = [line for line in text.splitlines() if line.startswith("ray_recsys_stage_ms_bucket")]
+    for stage in ("features", "retrieval", "ranking", "policy", "total"):  # per version, as the dashboard plots them
+        assert any(f'stage="{stage}"' in line and 'model_version="v' in line for line in stages), stage
+    assert any(line.startswith("ray_recsys_requests") and "model_version=" in line for line in text.splitlines())

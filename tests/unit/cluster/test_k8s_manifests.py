@@ -1,0 +1,114 @@
+"""The KubeRay manifests under cluster/k8s validate against the KubeRay CRD schemas (vendored, v1.7.0), with no
+field the schema does not know; their Serve config, and the one `recsys serve --emit-config` writes, are valid Serve
+configs whose applications build through the project's typed builders."""
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+K8S = Path(__file__).resolve().parents[3] / "cluster" / "k8s"
+KUBERAY = "v1.7.0"
+CRDS = {"RayService": f"ray.io_rayservices.{KUBERAY}.yaml.gz", "RayJob": f"ray.io_rayjobs.{KUBERAY}.yaml.gz"}
+
+
+@functools.cache
+def crd_schema(kind: str) -> dict:
+    crd = yaml.load(gzip.decompress((K8S / "crds" / CRDS[kind]).read_bytes()), Loader=getattr(yaml, "CSafeLoader",
+                                                                                                  yaml.SafeLoader))
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Fields of `value` the schema does not declare (what `kubectl apply --validate=strict` refuses)."""
+    out = []
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties")
+        if props is None or schema.get("x-kubernetes-preserve-unknown-fields"):
+            extra = schema.get("additionalProperties")
+            if isinstance(extra, dict):
+                for k, v in value.items():
+                    out += unknown_fields(v, extra, f"{path}.{k}")
+            return out
+        for k, v in value.items():
+            if k not in props:
+                out.append(f"{path}.{k}")
+            else:
+                out += unknown_fields(v, props[k], f"{path}.{k}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            out += unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return out
+
+
+def check(manifest: dict) -> list[str]:
+    schema = crd_schema(manifest["kind"])
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
+    return errors + [f"{p}: not in the {manifest['kind']} schema" for p in unknown_fields(manifest, schema)]
+
+
+MANIFESTS = sorted(p.name for p in K8S.glob("ray*.yaml"))
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_each_kuberay_manifest_validates_against_its_crd(name):
+    manifest = yaml.safe_load((K8S / name).read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] in CRDS
+    assert check(manifest) == []
+    spec = manifest["spec"].get("rayClusterConfig") or manifest["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == importlib.import_module("ray").__version__  # the image's Ray is the pinned one
+
+
+def test_the_checker_catches_a_misspelt_field_and_a_wrong_type():
+    manifest = yaml.safe_load((K8S / "rayjob-train.yaml").read_text())
+    manifest["spec"]["rayClusterSpec"]["headGroupSpecs"] = manifest["spec"]["rayClusterSpec"].pop("headGroupSpec")
+    manifest["spec"]["shutdownAfterJobFinishes"] = "yes"
+    errors = check(manifest)
+    assert any("headGroupSpecs: not in the RayJob schema" in e for e in errors)
+    assert any("shutdownAfterJobFinishes" in e and "boolean" in e for e in errors)
+
+
+def validate_serve_config(config: dict) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments import builders
+
+    ServeDeploySchema.model_validate(config)  # Serve's own schema of a config file
+    for app in config["applications"]:
+        module, name = app["import_path"].split(":")
+        builder = getattr(importlib.import_module(module), name)
+        model = {builders.version_app: builders.VersionAppArgs, builders.ingress_app: builders.IngressAppArgs}[builder]
+        model.model_validate(app["args"])
+
+
+def test_the_rayservice_serves_a_valid_serve_config_through_the_typed_builders():
+    manifest = yaml.safe_load((K8S / "rayservice.yaml").read_text())
+    config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    validate_serve_config(config)
+    assert {a["name"] for a in config["applications"]} == {"recsys", "recsys-v1", "recsys-v2"}
+
+
+def test_the_emitted_serve_config_is_valid_and_its_builders_build_the_applications(tmp_path):
+    from pydantic import ValidationError
+    from ray.serve import Application
+
+    from cluster.serving import serve_config
+    from deployments.app import ServingConfig
+    from deployments.builders import IngressAppArgs, VersionAppArgs, ingress_app, version_app
+
+    cfg = ServingConfig()
+    config = serve_config({"v1": tmp_path / "v1"}, {"v1": 100.0}, {"max_brand_run": 2}, cfg)
+    validate_serve_config(config)
+    version, ingress = config["applications"]
+    assert isinstance(version_app(VersionAppArgs.model_validate(version["args"])), Application)
+    assert isinstance(ingress_app(IngressAppArgs.model_validate(ingress["args"])), Application)
+    assert ingress["deployments"][0]["user_config"]["versions"] == {"v1": 100.0}  # what a re-deploy changes in place
+    with pytest.raises(ValidationError, match="serving"):
+        VersionAppArgs.model_validate({**version["args"], "serving": {"replica_cpu": 1}})
