@@ -2,6 +2,7 @@
 
     recsys rollout start v3 --bundle /shared/bundles/v3      deploy beside the live versions, gate, wait
     recsys rollout status
+    recsys rollout gate                                      the gate again (after a change of thresholds)
     recsys rollout shift v3 --to 10,50,100 --every 60s      (or --now); waits, printing each step
     recsys rollout rollback
     recsys rollout retire v2
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace) -> None:
     elif op == "shift":
         steps, every = ([100.0], 0.0) if args.now else (args.to, args.every)
         admin.call("POST", "/admin/rollout/shift", {"version": args.version, "to": steps, "every_s": every})
+    elif op == "gate":
+        admin.call("POST", "/admin/rollout/gate")
     elif op == "rollback":
         admin.call("POST", "/admin/rollout/rollback")
     elif op == "retire":
@@ -132,10 +135,11 @@ def run(args: argparse.Namespace) -> None:
                       "actors stopped")
     elif op == "shadow":
         admin.call("POST", "/admin/rollout/shadow", {"version": args.version, "share": args.share})
-    status = admin.wait() if op in ("start", "shift") and not args.no_wait else admin.call("GET", "/admin/rollout")
+    waits = op in ("start", "shift", "gate") and not args.no_wait
+    status = admin.wait() if waits else admin.call("GET", "/admin/rollout")
     show(status)
     phase = (status.get("rollout") or {}).get("phase")
-    if op in ("start", "shift") and not args.no_wait and phase in ("failed", "rolled_back"):
+    if waits and phase in ("failed", "rolled_back"):
         sys.exit(1)
 
 
@@ -150,6 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("version")
     s.add_argument("--bundle", required=True, help="the version's bundle folder, on storage every node reads")
     s.add_argument("--no-wait", action="store_true")
+    g = ops.add_parser("gate", parents=[common], help="run the gate again on the deployed candidate")
+    g.add_argument("--no-wait", action="store_true")
     sh = ops.add_parser("shift", parents=[common], help="move traffic to a version in steps, halting and rolling back on a guard")
     sh.add_argument("version")
     sh.add_argument("--to", type=parse_steps, default=[10.0, 50.0, 100.0], help="percent steps, e.g. 10,50,100")

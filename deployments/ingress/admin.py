@@ -171,9 +171,16 @@ class Follower:
     async def _follow(self) -> None:
         while True:
             try:
-                self._use(*await self.registry.wait_newer(self.replica, self.version))
+                value = await self.registry.wait_newer(self.replica, self.version)
             except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError) as e:
                 logger.warning(f"{type(self).__name__}: registry unreachable ({type(e).__name__}); retrying in 1 s")
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                self._use(*value)
+            except Exception as e:  # noqa: BLE001 - e.g. a version's application not found: keep the last value
+                logger.warning(f"{type(self).__name__}: version {value[0]} not applied ({type(e).__name__}: {e}); "
+                               "retrying in 1 s")  # not acknowledged either: the publisher sees it pending
                 await asyncio.sleep(1.0)
 
     async def set(self, value: dict[str, Any]) -> tuple[int, list[str], int]:

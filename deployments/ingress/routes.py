@@ -280,6 +280,11 @@ class Ingress:
         gate; poll GET /admin/rollout for its outcome."""
         return await self._rollout(authorization, "start", req.version, req.bundle)
 
+    @app.post("/admin/rollout/gate", status_code=202)
+    async def rollout_gate(self, authorization: str | None = Header(None)) -> JSONResponse:
+        """Runs the gate again on the deployed candidate (after a change of thresholds)."""
+        return await self._rollout(authorization, "regate")
+
     @app.post("/admin/rollout/shift", status_code=202)
     async def rollout_shift(self, req: RolloutShiftRequest, authorization: str | None = Header(None)) -> JSONResponse:
         return await self._rollout(authorization, "shift", req.version, req.to, req.every_s)

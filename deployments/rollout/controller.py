@@ -3,6 +3,7 @@ retirement, driven by the admin endpoints (`/admin/rollout/*`) and `recsys rollo
 
     start VERSION BUNDLE   index built (unless a verified one exists) -> application `recsys-VERSION` deployed ->
                            live at weight 0 (forcible, shadowable, owns no users) -> the gate
+    gate                   the gate again on the deployed candidate (after a change of thresholds)
     shift VERSION STEPS    each step re-weights (users move only from shrinking versions to it), then watches the
                            live guards for `every_s`; a tripped guard rolls back by itself
     rollback               the routing from before the rollout, bucket for bucket, in one publish
@@ -181,12 +182,32 @@ class RolloutController:
             await self._publish(Routing.make({**live.weights, r.green: 0.0}, live.table, live.shadow,
                                              live.shadow_share))
             r.log("deployed and live at weight 0")
-            r.phase = "validating"
+        except Exception as e:  # noqa: BLE001 - the rollout fails with its reason; nothing took traffic
+            r.phase, r.error = "failed", f"{type(e).__name__}: {e}"
+            r.log(f"failed: {r.error}")
+            return
+        await self._regate()
+
+    async def regate(self) -> tuple[int, dict[str, Any]]:
+        """Runs the gate again on the deployed candidate (after a threshold change, or to measure it anew)."""
+        if busy := self._busy():
+            return busy
+        r = self.rollout
+        if r is None or r.phase not in ("ready", "failed") or r.gate is None:
+            return 409, {"detail": "only a deployed candidate that was gated (ready or failed) is gated again"
+                                   + (f"; the rollout of {r.green} is {r.phase}" if r else "")}
+        self._run(self._regate())
+        return 202, (await self.status())[1]
+
+    async def _regate(self) -> None:
+        r = self.rollout
+        r.phase, r.error = "validating", None
+        try:
             r.gate = await self._gate()
             r.phase = "ready" if r.gate["passed"] else "failed"
-            failed = [c["check"] for c in r.gate["checks"] if not c["passed"]]
-            r.log("gate passed" if r.gate["passed"] else f"gate failed: {failed}")
-        except Exception as e:  # noqa: BLE001 - the rollout fails with its reason; nothing took traffic
+            r.log("gate passed" if r.gate["passed"] else
+                  f"gate failed: {[c['check'] for c in r.gate['checks'] if not c['passed']]}")
+        except Exception as e:  # noqa: BLE001 - a gate that cannot run fails the candidate, with its reason
             r.phase, r.error = "failed", f"{type(e).__name__}: {e}"
             r.log(f"failed: {r.error}")
 

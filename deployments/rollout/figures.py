@@ -7,7 +7,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-MAX_SAMPLES = 1000  # latencies kept per version per report: a uniform sample beyond it (reservoir)
+MAX_SAMPLES = 200  # latencies kept per version per report (a second): a uniform sample beyond it (reservoir)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
