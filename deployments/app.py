@@ -25,6 +25,10 @@ class ServingConfig:
     replica_cpus: float = 0.1  # fractional: a 2-core machine hosts every stage of two versions
     min_replicas: int = 1  # autoscaling floor per deployment; 2 lets a replica die without failing a request
     max_replicas: int = 4  # autoscaling ceiling per deployment
+    # Serve's autoscaler waits this long above (below) its target before adding (removing) a replica; Serve's own
+    # downscale default (600 s) keeps a load peak's replicas for ten minutes
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 60.0
     threads: int = 1  # torch threads per model replica; scale out with replicas, not threads
     # Where a retrieval replica searches the index (indexing.embed.index_layout): auto holds it in process when it
     # fits index_memory_mb (1M items x 64 float32 is 256 MB), and fans out to the shard actors beyond that.
@@ -48,8 +52,11 @@ class ServingConfig:
 
 
 def _autoscaling(cfg: ServingConfig, target: int) -> dict[str, Any]:
+    """Each deployment's target is half its `max_ongoing_requests`, so a replica is added well before requests
+    queue (a target above the cap could never be reached)."""
     return {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
-            "target_ongoing_requests": target}
+            "target_ongoing_requests": target, "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s}
 
 
 def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Application:

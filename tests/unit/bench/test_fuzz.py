@@ -144,3 +144,16 @@ def test_rollout_bench_phases_count_failures_sheds_and_answers_that_mix_versions
     f = phase_figures(answers, 0.0, 1.0)
     assert (f["requests"], f["failed"], f["shed"], f["mixed_versions"]) == (5, 1, 1, 1)
     assert f["served"] == {"v1": 2, "v2": 1} and f["p50_ms"] == 50.0
+
+
+def test_autoscaling_bench_bins_answers_by_second_with_the_replica_counts_seen_then():
+    from bench.autoscaling import per_second
+
+    answers = [{"t0": 0.1, "t1": 0.2, "status": 200, "shed": False}, {"t0": 0.5, "t1": 1.5, "status": 200, "shed": False},
+               {"t0": 1.2, "t1": 1.3, "status": 503, "shed": True}, {"t0": 1.4, "t1": 1.6, "status": 500, "shed": False}]
+    replicas = [(0.0, {"recsys/Ingress": 1}), (1.5, {"recsys/Ingress": 2})]
+    rows = per_second(answers, replicas, 3)
+    assert [r["sent"] for r in rows] == [2, 2, 0]
+    assert [(r["answered"], r["shed"], r["errors"]) for r in rows] == [(1, 0, 0), (1, 1, 1), (0, 0, 0)]
+    assert rows[0]["p50_ms"] == 100.0 and rows[1]["p99_ms"] == 1000.0
+    assert [r["replicas"]["recsys/Ingress"] for r in rows] == [1, 2, 2]
