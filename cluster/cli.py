@@ -100,13 +100,27 @@ def _replay(args: argparse.Namespace) -> None:
                                        default=float))
 
 
-BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reliability", "rollout")  # modules of bench/, each with main(argv)
+BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reliability", "rollout",
+              "autoscaling")  # modules of bench/, each with main(argv)
 
 
 def _bench(args: argparse.Namespace) -> None:
     import importlib
 
     importlib.import_module(f"bench.{args.name}").main(args.args)
+
+
+def _status(args: argparse.Namespace) -> None:
+    import os
+
+    from cluster.runtime import init_ray
+    from cluster.status import placements, print_placements
+
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ValueError("recsys status reads a running cluster: set RAY_ADDRESS (e.g. 127.0.0.1:6390)")
+    init_ray()
+    report = placements()
+    print(json.dumps(report, indent=2)) if args.json else print_placements(report)
 
 
 def _rollout(args: argparse.Namespace) -> None:
@@ -164,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=BENCHMARKS)
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see recsys bench NAME --help)")
     b.set_defaults(func=_bench)
+
+    st = sub.add_parser("status", help="the cluster's nodes and where every replica, shard and store runs "
+                        "(RAY_ADDRESS)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
 
     ro = sub.add_parser("rollout", help="versioned rollout over the admin endpoints: start (deploy + gate), status, "
                         "shift, rollback, retire, shadow")

@@ -24,8 +24,14 @@ INGRESS_APP = "recsys"
 
 
 def start_serve(cfg: ServingConfig) -> None:
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},
-                logging_config=QUIET)
+    """Serve's HTTP proxy on every node, or on the head only when every node shares one address (several nodes on
+    one machine, `cluster/local_cluster.py`: their proxies would all bind the same port)."""
+    import ray
+
+    addresses = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    location = "EveryNode" if len(addresses) > 1 else "HeadOnly"
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s,
+                              "location": location}, logging_config=QUIET)
 
 
 def deploy_version(bundle_dir: str | Path, cfg: ServingConfig) -> str:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -97,18 +100,26 @@ def test_the_rayservice_serves_a_valid_serve_config_through_the_typed_builders()
 
 def test_the_emitted_serve_config_is_valid_and_its_builders_build_the_applications(tmp_path):
     from pydantic import ValidationError
-    from ray.serve import Application
 
     from cluster.serving import serve_config
     from deployments.app import ServingConfig
-    from deployments.builders import IngressAppArgs, VersionAppArgs, ingress_app, version_app
+    from deployments.builders import VersionAppArgs
 
     cfg = ServingConfig()
     config = serve_config({"v1": tmp_path / "v1"}, {"v1": 100.0}, {"max_brand_run": 2}, cfg)
     validate_serve_config(config)
     version, ingress = config["applications"]
-    assert isinstance(version_app(VersionAppArgs.model_validate(version["args"])), Application)
-    assert isinstance(ingress_app(IngressAppArgs.model_validate(ingress["args"])), Application)
+    # built in a fresh process, as Serve's build task does: a FastAPI app that Serve's local testing mode ran in
+    # this test process (tests/unit/deployments) no longer pickles
+    code = ("import json, sys\n"
+            "from ray.serve import Application\n"
+            "from deployments.builders import IngressAppArgs, VersionAppArgs, ingress_app, version_app\n"
+            "v, i = json.loads(sys.stdin.read())\n"
+            "assert isinstance(version_app(VersionAppArgs.model_validate(v)), Application)\n"
+            "assert isinstance(ingress_app(IngressAppArgs.model_validate(i)), Application)\n")
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps([version["args"], ingress["args"]]),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert ingress["deployments"][0]["user_config"]["versions"] == {"v1": 100.0}  # what a re-deploy changes in place
     with pytest.raises(ValidationError, match="serving"):
         VersionAppArgs.model_validate({**version["args"], "serving": {"replica_cpu": 1}})
