@@ -26,7 +26,9 @@ def tiny_stack(ray_cluster, serve_port: int, tmp_path_factory: pytest.TempPathFa
     write_shop(generate_shop("tiny", seed=0), shop_dir)
     bundles = {}
     for i, version in enumerate(WEIGHTS):  # v1: the seed two-tower, v2: multi-interest (cluster/configs/tiny.yaml)
-        bundles[version] = train_version(shop_dir, root / "bundles", version, version_train_config(cfg, version, i))
+        # the versions differ in retrieval; the second shares the first's ranker, as in the demo (one training less)
+        bundles[version] = train_version(shop_dir, root / "bundles", version, version_train_config(cfg, version, i),
+                                         ranker_from=next(iter(bundles.values()), None))
         embed_catalog(bundles[version], cfg.index)
     start_serve(cfg.serving)
     seed_online_store(shop_dir)

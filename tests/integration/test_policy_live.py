@@ -20,6 +20,17 @@ def post(stack, path: str, body: dict, headers: dict | None = None) -> httpx.Res
     return httpx.post(f"{stack['url']}{path}", json=body, headers=headers or {}, timeout=60.0)
 
 
+def answer(stack, body: dict) -> dict:
+    """POST /recommend as a well-behaved client: a shed answer (503 with Retry-After) is sent again after it."""
+    for _ in range(5):
+        r = post(stack, "/recommend", body)
+        if r.status_code != 503 or "Retry-After" not in r.headers:
+            break
+        time.sleep(float(r.headers["Retry-After"]))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def engaged_users(stack, n: int) -> list[str]:
     from training.data.schemas import read_shop
 
@@ -72,13 +83,17 @@ def test_admin_change_reaches_every_replica_at_once_with_no_failed_request(admin
     top_brands = {i["brand"] for u in users
                   for i in post(admin_stack, "/recommend", {"user_id": u, "k": 10}).json()["items"][:3]}
     blocked = sorted(top_brands)[:3]
-    statuses: list[int] = []
+    statuses: list[int | str] = []
     stop = threading.Event()
 
-    def hammer() -> None:  # traffic during the change: every answer must be a 200
+    def hammer() -> None:  # traffic during the change: every answer a 200, or a shed (503 + Retry-After) to retry
         while not stop.is_set():
             for u in users:
-                statuses.append(post(admin_stack, "/recommend", {"user_id": u, "k": 10}).status_code)
+                r = post(admin_stack, "/recommend", {"user_id": u, "k": 10})
+                shed = r.status_code == 503 and "Retry-After" in r.headers and "overloaded" in r.text
+                statuses.append("shed" if shed else r.status_code if r.status_code == 200 else r.text[:300])
+                if shed:
+                    time.sleep(float(r.headers["Retry-After"]))
 
     threads = [threading.Thread(target=hammer) for _ in range(2)]
     for t in threads:
@@ -93,10 +108,9 @@ def test_admin_change_reaches_every_replica_at_once_with_no_failed_request(admin
         # The very next requests, spread over both replicas, all follow the new config.
         for _ in range(3):
             for u in users:
-                items = post(admin_stack, "/recommend", {"user_id": u, "k": 10}).json()["items"]
+                items = answer(admin_stack, {"user_id": u, "k": 10})["items"]
                 assert not {i["brand"] for i in items} & set(blocked)
-        search = [post(admin_stack, "/recommend", {"user_id": u, "k": 10, "context": {"page": "search"}}).json()
-                  for u in users]
+        search = [answer(admin_stack, {"user_id": u, "k": 10, "context": {"page": "search"}}) for u in users]
         assert any({i["brand"] for i in s["items"]} & set(blocked) for s in search)
         time.sleep(0.5)
     finally:
@@ -104,7 +118,7 @@ def test_admin_change_reaches_every_replica_at_once_with_no_failed_request(admin
         for t in threads:
             t.join()
         post(admin_stack, "/admin/policy", {"policy": admin_stack["cfg"].policy.to_dict()}, AUTH)
-    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert statuses.count(200) > 10 and set(statuses) <= {200, "shed"}, {s: statuses.count(s) for s in set(statuses)}
 
 
 def test_exploration_is_reproducible_for_a_request_id(admin_stack):
