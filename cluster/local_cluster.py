@@ -28,10 +28,17 @@ STATE = Path("/tmp/recsys-local-cluster.json")  # the nodes' process groups, for
 BIN = Path(sys.executable).parent
 
 
+_TAKEN: set[int] = set()  # ports handed out by this process: the OS may offer a closed one again
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
 
 
 def node_command(head: bool, port: int, cpus: float, ports: dict[str, int]) -> list[str]:
@@ -79,8 +86,8 @@ def start(workers: int, head_cpus: float, worker_cpus: float, port: int) -> dict
         cmd = node_command(i == 0, port, head_cpus if i == 0 else worker_cpus, head_ports if i == 0 else _ports())
         out = open(logs / f"node-{i}.log", "w")
         procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT))
-        if i == 0:
-            _wait_nodes(f"127.0.0.1:{port}", 1)
+        STATE.write_text(json.dumps({"pids": [p.pid for p in procs]}))  # `stop` works even if a node fails
+        _wait_nodes(f"127.0.0.1:{port}", i + 1)  # one node at a time: raylets starting together time out
     state = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{head_ports['dashboard']}",
              "pids": [p.pid for p in procs], "logs": str(logs)}
     STATE.write_text(json.dumps(state))
