@@ -86,9 +86,9 @@ def start(workers: int, head_cpus: float, worker_cpus: float, port: int) -> dict
         cmd = node_command(i == 0, port, head_cpus if i == 0 else worker_cpus, head_ports if i == 0 else _ports())
         out = open(logs / f"node-{i}.log", "w")
         procs.append(subprocess.Popen(cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT))
-        STATE.write_text(json.dumps({"pids": [p.pid for p in procs]}))  # `stop` works even if a node fails
+        STATE.write_text(json.dumps({"pids": [p.pid for p in procs], "port": port}))  # `stop` works even if a node fails
         _wait_nodes(f"127.0.0.1:{port}", i + 1)  # one node at a time: raylets starting together time out
-    state = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{head_ports['dashboard']}",
+    state = {"address": f"127.0.0.1:{port}", "port": port, "dashboard": f"http://127.0.0.1:{head_ports['dashboard']}",
              "pids": [p.pid for p in procs], "logs": str(logs)}
     STATE.write_text(json.dumps(state))
     nodes = _wait_nodes(state["address"], workers + 1)
@@ -116,6 +116,10 @@ def stop() -> int:
         else:
             os.killpg(pid, signal.SIGKILL)
     STATE.unlink()
+    # As `ray stop` does: a plain ray.init() on this machine would otherwise keep trying the stopped head
+    current = Path("/tmp/ray/ray_current_cluster")
+    if state.get("port") and current.is_file() and current.read_text().strip().endswith(f":{state['port']}"):
+        current.unlink()
     return len(state["pids"])
 
 
