@@ -3,7 +3,7 @@ the replicas of every deployment (RUNNING), requests sent and answered, p50/p99 
 that second, and errors. Open loop: requests leave at the scheduled rate whether or not earlier ones returned, as
 a shop's visitors do. Writes the JSON, the autoscaling settings it ran with, and a plot (PNG).
 
-Usage: python -m bench.autoscaling [--rates 2,6,12,20,12,6,2] [--phase-s 40] [--out bench/results/autoscaling.json]
+Usage: python -m bench.autoscaling [--rates 4,12,24,36,24,12,4] [--phase-s 30] [--out bench/results/autoscaling.json]
 (after `make demo`)
 """
 from __future__ import annotations
@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="demo")
     p.add_argument("--port", type=int, default=8015)
-    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[2, 6, 12, 20, 12, 6, 2])
-    p.add_argument("--phase-s", type=float, default=40.0)
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[4, 12, 24, 36, 24, 12, 4])
+    p.add_argument("--phase-s", type=float, default=30.0)
     p.add_argument("--tail-s", type=float, default=90.0, help="seconds watched after the load, for the downscale")
     p.add_argument("--max-replicas", type=int, default=4)
     p.add_argument("--upscale-delay-s", type=float, default=10.0)
