@@ -55,6 +55,9 @@ class Retrieval:
             else:
                 shards = [ActorCalls(s) for s in get_shards(bundle.version, len(manifest["shards"]))]
         self.shards = list(shards)
+        # the user-query cache's hit rate per version, for the dashboard (a hit skips the user tower)
+        self.cache_lookups = metrics.Counter("recsys_query_cache_lookups", "User-query cache lookups by result.",
+                                             tag_keys=("model_version", "result"))
         n_items = manifest["n_items"] if manifest else None
         if n_items is not None:  # the index's size per version, for the dashboard
             metrics.Gauge("recsys_index_items", "Items in the version's index.", tag_keys=("model_version",)).set(
@@ -80,7 +83,11 @@ class Retrieval:
     async def retrieve(self, req: RetrievalRequest) -> Candidates:
         features = self.core.encode(req, time.time())
         allowed = self.core.allowed(req)
+        hits, misses = self.core.cache.hits, self.core.cache.misses
         q = self.core.queries(features)
+        if self.core.cache.hits > hits or self.core.cache.misses > misses:  # a cold start looks nothing up
+            self.cache_lookups.inc(1, {"model_version": self.version,
+                                       "result": "hit" if self.core.cache.hits > hits else "miss"})
         if q is None:
             return self._stamped(self.core.cold_start(features, req.k, allowed))
         D, I, partial = await self.search(q.xq, req.k, allowed)

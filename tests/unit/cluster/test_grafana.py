@@ -21,7 +21,8 @@ def exported_metric_names() -> set[str]:
 def test_every_dashboard_query_reads_an_exported_metric():
     dashboard = json.loads(DASHBOARD.read_text())
     exported = exported_metric_names()
-    assert {"recsys_stage_ms", "recsys_requests", "recsys_shadow_overlap", "recsys_index_items"} <= exported
+    assert {"recsys_stage_ms", "recsys_requests", "recsys_shadow_overlap", "recsys_index_items",
+            "recsys_query_cache_lookups"} <= exported
     used = set()
     for panel in dashboard["panels"]:
         assert panel["targets"], panel["title"]
