@@ -15,6 +15,14 @@ from indexing.embed import LAYOUTS
 
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
+# By default Serve runs a replica's code on an event loop thread of its own and, in a replica that calls other
+# deployments, the handle router on a third; on a 2-core machine every hand-off between them costs milliseconds.
+# One loop per replica (and gRPC from the ingress to its stages: `routing.VersionStages`) took POST /recommend from
+# p50 46.8 to 39.3 ms at concurrency 1 (docs/architecture.md, "What a hop costs"). These are the replica's
+# environment only: a driver or test keeps Serve's defaults, where `.result()` still works inside an event loop.
+STAGE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}  # request-path logs flushed in batches, errors at once
+INGRESS_ENV = {**STAGE_ENV, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class ServingConfig:
     # The online store: "embedded" (an in-memory actor, lost on restart) or a redis:// URL (durable; started by
     # `recsys serve --store redis`, see cluster/redis_server.py).
     store: str = EMBEDDED
+    one_loop: bool = True  # replicas run their code and their handle router on one event loop (STAGE_ENV)
 
     def __post_init__(self) -> None:
         if self.index_layout not in LAYOUTS:
@@ -49,6 +58,13 @@ class ServingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _actor_options(cfg: ServingConfig, env: dict[str, str], share: float = 1.0) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": cfg.replica_cpus * share}
+    if cfg.one_loop:
+        options["runtime_env"] = {"env_vars": dict(env)}  # Serve merges it with the job's runtime_env
+    return options
 
 
 def _autoscaling(cfg: ServingConfig, target: int) -> dict[str, Any]:
@@ -62,11 +78,12 @@ def _autoscaling(cfg: ServingConfig, target: int) -> dict[str, Any]:
 def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Application:
     """Version (describes the version) -> Retrieval + Ranking, all built from one bundle. The HTTP ingress calls
     Retrieval and Ranking by handle; Version binds them into one application that is deployed and deleted whole."""
-    opts = {"ray_actor_options": {"num_cpus": cfg.replica_cpus}}
+    opts = {"ray_actor_options": _actor_options(cfg, STAGE_ENV)}
     retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(
         bundle_dir, cfg.threads, cfg.index_layout, cfg.index_memory_mb)
     ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads)
-    return Version.options(ray_actor_options={"num_cpus": cfg.replica_cpus / 5}).bind(retrieval, ranking, bundle_dir, version)
+    return Version.options(ray_actor_options=_actor_options(cfg, STAGE_ENV, 1 / 5)).bind(
+        retrieval, ranking, bundle_dir, version)
 
 
 def ingress_user_config(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,
@@ -90,6 +107,6 @@ def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None,
     routing table (runs), makes the new split move users only from versions that shrink to versions that grow.
     """
     user_config = ingress_user_config(versions, policy, cfg, admin_token_sha256, buckets)
-    return Ingress.options(ray_actor_options={"num_cpus": cfg.replica_cpus},
+    return Ingress.options(ray_actor_options=_actor_options(cfg, INGRESS_ENV),
                            autoscaling_config=_autoscaling(cfg, 2), user_config=user_config).bind(
         store_spec=cfg.store)

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
@@ -35,7 +36,9 @@ RANKED_PER_K = 4  # the policy sees 4k ranked items (at least 100), room to sort
 MIN_RANKED = 100
 STAGE_TIMEOUT_S = 5.0  # each stage call; far above a loaded stage's p99 (~0.2 s here), so only a stuck one trips it
 STORE_TIMEOUT_S = 0.5  # the store answers in ~2 ms; past this the request goes on without the user's state
-REPLICA_GONE = (RayActorError, ActorUnavailableError)  # the replica died (or is restarting) under the call
+# The replica died (or is restarting) under the call; over gRPC (`routing.VersionStages`) Serve maps a lost
+# connection to ActorUnavailableError, and any other transport error is taken the same way.
+REPLICA_GONE = (RayActorError, ActorUnavailableError, grpc.aio.AioRpcError)
 logger = logging.getLogger("ray.serve")
 
 
