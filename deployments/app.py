@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -12,6 +13,8 @@ from deployments.retrieval import Retrieval
 from deployments.version import Version
 from deployments.store import EMBEDDED
 from indexing.embed import LAYOUTS
+
+CHANGES_FILE = "item-changes.jsonl"
 
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
@@ -49,6 +52,10 @@ class ServingConfig:
     # `recsys serve --store redis`, see cluster/redis_server.py).
     store: str = EMBEDDED
     one_loop: bool = True  # replicas run their code and their handle router on one event loop (STAGE_ENV)
+    # The catalog's change log that every stage replica follows (indexing/changes.py): "auto" is the store's Redis
+    # when it is one, else `item-changes.jsonl` in the folder of the shop's bundles; "off" follows none; or a path
+    # or a redis:// URL.
+    changes: str = "auto"
 
     def __post_init__(self) -> None:
         if self.index_layout not in LAYOUTS:
@@ -58,6 +65,17 @@ class ServingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def change_log_spec(cfg: ServingConfig, bundle_dir: str | Path) -> str:
+    """The change log of a bundle's stages ("" for none): see `ServingConfig.changes`."""
+    if cfg.changes == "off":
+        return ""
+    if cfg.changes != "auto":
+        return cfg.changes
+    if cfg.store != EMBEDDED:
+        return cfg.store
+    return str(Path(bundle_dir).resolve().parent / CHANGES_FILE)
 
 
 def _actor_options(cfg: ServingConfig, env: dict[str, str], share: float = 1.0) -> dict[str, Any]:
@@ -79,11 +97,13 @@ def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Appl
     """Version (describes the version) -> Retrieval + Ranking, all built from one bundle. The HTTP ingress calls
     Retrieval and Ranking by handle; Version binds them into one application that is deployed and deleted whole."""
     opts = {"ray_actor_options": _actor_options(cfg, STAGE_ENV)}
+    changes = change_log_spec(cfg, bundle_dir)
     retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(
-        bundle_dir, cfg.threads, cfg.index_layout, cfg.index_memory_mb)
-    ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads)
+        bundle_dir, cfg.threads, cfg.index_layout, cfg.index_memory_mb, changes=changes)
+    ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads,
+                                                                                  changes=changes)
     return Version.options(ray_actor_options=_actor_options(cfg, STAGE_ENV, 1 / 5)).bind(
-        retrieval, ranking, bundle_dir, version)
+        retrieval, ranking, bundle_dir, version, changes)
 
 
 def ingress_user_config(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,

@@ -8,6 +8,9 @@ import torch
 from ray import serve
 
 from deployments.backpressure import SHED
+from deployments.changes import ChangeFollowing
+from indexing.changes import open_change_log
+from indexing.live import Follower
 from training.fit.bundle import load_bundle
 from training.request.contracts import RankedList, RankRequest
 from training.request.ranking import RankingCore
@@ -24,16 +27,21 @@ class Ranking:
     """
 
     def __init__(self, bundle_dir: str, threads: int = 1, batching: bool = True, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.0) -> None:
+                 batch_wait_timeout_s: float = 0.0, changes: str = "") -> None:
+        """`changes`: the catalog's change log this replica follows into the attributes its lists carry ("" none)."""
         torch.set_num_threads(threads)  # [1] a fixed intra-op pool: replicas share cores, so 1 avoids oversubscription
         bundle = load_bundle(bundle_dir)
         self.version = bundle.version
         self.core = RankingCore.from_bundle(bundle)
+        self.changes = ChangeFollowing(Follower(open_change_log(changes), self.core.forward), [], self.version,
+                                       "ranking") if changes else None
         self.batching = batching
         self._rank_batch.set_max_batch_size(max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def rank(self, request: RankRequest) -> RankedList:
+        if self.changes is not None:
+            self.changes.ensure_started()
         if request.candidates.version and request.candidates.version != self.version:  # never mix two versions
             raise ValueError(f"ranking {self.version}: candidates of version {request.candidates.version!r}")
         ranked = await self._rank_batch(request) if self.batching else self.core.rank([request])[0]
@@ -46,6 +54,10 @@ class Ranking:
     async def _rank_batch(self, requests: list[RankRequest]) -> list[RankedList]:
         return self.core.rank(requests)
 
+    async def check_health(self) -> None:
+        if self.changes is not None:  # follows the log from the start, before the first request
+            self.changes.ensure_started()
+
     async def health(self) -> dict[str, Any]:
         return {"version": self.version, "tasks": list(self.core.model.config.task_weights),
-                "batching": self.batching}
+                "batching": self.batching, "changes": self.changes.stats() if self.changes is not None else None}

@@ -15,7 +15,10 @@ from ray.serve import metrics
 
 from deployments.backpressure import SHED
 from deployments.calls import ActorCalls, LocalCalls
+from deployments.changes import ChangeFollowing
+from indexing.changes import open_change_log
 from indexing.embed import get_shards, has_index_manifest, index_layout, load_shards, read_index_manifest
+from indexing.live import Follower
 from indexing.shards import merge_top_k, pack_allowed
 from training.fit.bundle import load_bundle
 from training.request.contracts import Candidates, RetrievalRequest
@@ -32,11 +35,13 @@ class Retrieval:
     """User queries at request time, fan-out to every index shard of the version, one merge to the candidates."""
 
     def __init__(self, bundle_dir: str, threads: int = 1, layout: str = "auto", memory_mb: float = 1024.0,
-                 shards: Sequence[Any] | None = None) -> None:
+                 shards: Sequence[Any] | None = None, changes: str = "") -> None:
         """Args:
             layout, memory_mb: where the index is searched (`indexing.embed.index_layout`): in this replica's own
                 memory when the whole index fits `memory_mb` (one hop fewer per request), else on the shard actors.
             shards: the shards as `search`/`stats` coroutines, overriding the layout (Serve's local testing mode).
+            changes: the catalog's change log (`indexing.changes.open_change_log`) this replica follows into its
+                forward index and the index shards; "" follows none.
         """
         torch.set_num_threads(threads)  # [1] replicas share cores: one intra-op thread each, scale out by replicas
         bundle = load_bundle(bundle_dir)
@@ -55,6 +60,11 @@ class Retrieval:
             else:
                 shards = [ActorCalls(s) for s in get_shards(bundle.version, len(manifest["shards"]))]
         self.shards = list(shards)
+        self.changes = None
+        if changes:  # [5] new items, attribute changes and deletions, applied without a rebuild
+            follower = Follower(open_change_log(changes), self.core.forward, self.core.item_vectors,
+                                len(self.shards), self.core.applied)
+            self.changes = ChangeFollowing(follower, self.shards, self.version, "retrieval")
         # the user-query cache's hit rate per version, for the dashboard (a hit skips the user tower)
         self.cache_lookups = metrics.Counter("recsys_query_cache_lookups", "User-query cache lookups by result.",
                                              tag_keys=("model_version", "result"))
@@ -81,6 +91,8 @@ class Retrieval:
         return D, I, len(ok) < len(parts)
 
     async def retrieve(self, req: RetrievalRequest) -> Candidates:
+        if self.changes is not None:
+            self.changes.ensure_started()
         features = self.core.encode(req, time.time())
         allowed = self.core.allowed(req)
         hits, misses = self.core.cache.hits, self.core.cache.misses
@@ -108,9 +120,14 @@ class Retrieval:
             raise RuntimeError(f"{self.version}: no index shard answers: {stats[0]!r}")
         if self.layout == "in_process" and any(s["ntotal"] == 0 for s in stats):
             raise RuntimeError(f"{self.version}: an in-process shard holds no vectors")
+        if self.changes is not None:
+            self.changes.ensure_started()
+            if self.layout == "sharded":  # a shard actor that restarted from its file missed the changes since
+                await self.changes.check_shards()
 
     async def health(self) -> dict[str, Any]:
         stats = await asyncio.gather(*[s.stats() for s in self.shards])
         return {"version": self.version, "layout": self.layout, "shards": len(stats),
                 "items": sum(s["ntotal"] for s in stats),
-                **self.core.stats()}
+                "shard_changes_offsets": [s.get("changes_offset", 0) for s in stats],
+                "changes": self.changes.stats() if self.changes is not None else None, **self.core.stats()}

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from training.data.changes import ItemChange
 from training.data.schemas import ACTIONS
 from training.request.contracts import ItemFilter
 
@@ -162,3 +163,39 @@ class ShadowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str = VersionName
     share: float = Field(ge=0, le=1)
+
+
+MAX_ITEM_CHANGES = 1000  # changes in one POST /admin/items (a bigger batch: `recsys items apply FILE.parquet`)
+
+
+class ItemChangeModel(BaseModel):
+    """One catalog change (`training.data.changes.ItemChange`): `upsert` creates or replaces an item (brand, category
+    and price required), `update` changes some attributes of an item the catalog has, `delete` removes it."""
+    model_config = ConfigDict(extra="forbid")
+    op: Literal["upsert", "update", "delete"]
+    item_id: str = Id
+    brand: str | None = Field(None, min_length=1, max_length=128)
+    category: str | None = Field(None, min_length=1, max_length=128)
+    price: float | None = Field(None, ge=0, allow_inf_nan=False)
+    in_stock: bool | None = None
+    created_at: float | None = Field(None, ge=0, allow_inf_nan=False, description="unix seconds; default: now")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ItemChangeModel":
+        self.to_change()  # the op's own rules (what an upsert needs, what a delete may not carry)
+        return self
+
+    def to_change(self) -> ItemChange:
+        return ItemChange(**self.model_dump(exclude_none=True))
+
+
+class ItemsRequest(BaseModel):
+    """POST /admin/items: catalog changes, applied in this order by every live version without a rebuild."""
+    model_config = ConfigDict(extra="forbid")
+    changes: list[ItemChangeModel] = Field(min_length=1, max_length=MAX_ITEM_CHANGES)
+
+
+class ItemsResponse(BaseModel):
+    offset: int  # the log offset of the last change: /healthz shows each replica's offset applied
+    accepted: int
+    logs: int  # change logs written (one per distinct log among the live versions; usually one)

@@ -17,14 +17,21 @@ from indexing.embed import read_index_manifest
 class Version:
     """What `/versions` and `/healthz` ask of a version; binds its stages into one application."""
 
-    def __init__(self, retrieval: DeploymentHandle, ranking: DeploymentHandle, bundle_dir: str, version: str) -> None:
+    def __init__(self, retrieval: DeploymentHandle, ranking: DeploymentHandle, bundle_dir: str, version: str,
+                 changes: str = "") -> None:
+        """`changes`: the catalog change log the version's stages follow (where `POST /admin/items` writes)."""
         self.retrieval, self.ranking, self.bundle_dir, self.version = retrieval, ranking, bundle_dir, version
+        self.changes = changes
 
     async def info(self) -> dict[str, Any]:
         manifest = read_index_manifest(self.bundle_dir)
         return {"version": self.version, "bundle": self.bundle_dir,
                 "index": {"n_items": manifest["n_items"], "shards": len(manifest["shards"]),
                           "built_at": manifest["built_at"], "index_type": manifest["index_type"]}}
+
+    async def change_log(self) -> str:
+        """Where the version's catalog changes go (admin only: a Redis URL may hold a password)."""
+        return self.changes
 
     async def health(self) -> dict[str, Any]:
         retrieval, ranking = await asyncio.gather(self.retrieval.health.remote(), self.ranking.health.remote())

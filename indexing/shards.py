@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -40,6 +41,7 @@ class FaissShard:
         search_params(self.index, spec)
         self._present = np.zeros(0, dtype=bool)  # ids held, so HNSW (which cannot remove) adds new ids only
         self._memory = (-1, 0)  # (ntotal, serialized bytes) of the last stats()
+        self.changes_offset = 0  # the catalog change log's offset this shard's vectors reflect (indexing.live)
 
     def _check_vectors(self, x: np.ndarray, name: str) -> np.ndarray:
         if not isinstance(x, np.ndarray) or x.dtype != np.float32:
@@ -79,6 +81,21 @@ class FaissShard:
             self.index.add_with_ids(xb, ids)
             self._mark(ids, True)
         return self.ntotal
+
+    def apply_changes(self, changes: Any) -> tuple[bool, int]:
+        """Applies an `indexing.live.ShardChanges` that starts at or before this shard's offset and ends after it;
+        one already applied is a no-op. Returns (taken, the shard's offset): False when the change set starts
+        after it (the changes between are missing: the caller sends a catch-up from the offset returned)."""
+        if changes.offset <= self.changes_offset:
+            return True, self.changes_offset
+        if changes.after > self.changes_offset:
+            return False, self.changes_offset
+        if len(changes.removed):
+            self.remove(changes.removed)
+        if len(changes.ids):
+            self.add(changes.ids, np.ascontiguousarray(changes.vectors, dtype=np.float32))
+        self.changes_offset = changes.offset
+        return True, self.changes_offset
 
     def _holds(self, ids: np.ndarray) -> np.ndarray:
         if len(self._present) == 0:
@@ -205,7 +222,8 @@ class FaissShard:
         (codes, ids, quantizers, graph), read from the index itself."""
         if self._memory[0] != self.ntotal:  # serializing costs a copy of the index: only after it changed
             self._memory = (self.ntotal, int(faiss.serialize_index(self.index).size))
-        return {"ntotal": self.ntotal, "dim": self.dim, "kind": self.spec.kind, "memory_bytes": self._memory[1]}
+        return {"ntotal": self.ntotal, "dim": self.dim, "kind": self.spec.kind, "memory_bytes": self._memory[1],
+                "changes_offset": self.changes_offset}
 
 
 def pack_allowed(mask: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ decoration time, and string annotations there are not resolved (the request body
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,9 +34,11 @@ from deployments.ingress.request_path import STAGE_TIMEOUT_S, STORE_TIMEOUT_S, S
 from deployments.ingress.routing import LiveRouting, Routing, RoutingSteering, VersionStages, encode_table
 from deployments.rollout import CONTROLLER_NAME, REPORT_S
 from deployments.rollout.figures import Outcomes
-from deployments.schemas import (EventsRequest, EventsResponse, LiveVersion, PolicyStateResponse, PolicyUpdateRequest,
-                                 RecommendedItem, RecommendRequest, RecommendResponse, RolloutShiftRequest,
-                                 RolloutStartRequest, RolloutVersionRequest, ShadowRequest, VersionsResponse)
+from deployments.schemas import (EventsRequest, EventsResponse, ItemsRequest, ItemsResponse, LiveVersion,
+                                 PolicyStateResponse, PolicyUpdateRequest, RecommendedItem, RecommendRequest,
+                                 RecommendResponse, RolloutShiftRequest, RolloutStartRequest, RolloutVersionRequest,
+                                 ShadowRequest, VersionsResponse)
+from indexing.changes import ChangeLog, open_change_log
 from training import NAMESPACE
 from training.metrics import overlap_at_k, rank_correlation
 from deployments.store import EMBEDDED, StoreClient, open_store
@@ -113,6 +116,7 @@ class Ingress:
         self.admission = AdaptiveLimit(initial=INGRESS_MAX_ONGOING, min_limit=INGRESS_MIN_ADMITTED,
                                        max_limit=INGRESS_MAX_ONGOING)
         self._store_stats: dict[str, Any] | None = None  # the store's first stats answer (its backend, durability)
+        self._change_logs: dict[str, ChangeLog] = {}  # the catalog change logs POST /admin/items writes to
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """{"versions": {"v1": 90, "v2": 10}, "policy": {...}, "admin_token_sha256": "...", "candidates": 500}; a
@@ -327,6 +331,32 @@ class Ingress:
             return JSONResponse(body.model_dump(), status_code=504)
         return body
 
+    @app.post("/admin/items", response_model=ItemsResponse)
+    async def items(self, req: ItemsRequest, authorization: str | None = Header(None)) -> ItemsResponse:
+        """Writes catalog changes (new items, attribute changes, deletions) to the change log the live versions
+        follow; every replica of theirs applies them within about a second, without a rebuild (`GET /healthz`
+        shows the offset each has applied). 200 once the log has them durably."""
+        check_admin_token(authorization, self.token_sha256)
+        live = self.routing.live
+        specs = await asyncio.gather(*[live.stages[v].version.change_log.remote() for v in live.routing.weights])
+        specs = sorted({s for s in specs if s})
+        if not specs:
+            raise HTTPException(409, "no live version follows a change log (serving.changes is off)")
+        now = time.time()  # one creation time for every log
+        changes = [dataclasses.replace(c, created_at=now) if c.op == "upsert" and c.created_at is None else c
+                   for c in (m.to_change() for m in req.changes)]
+        try:
+            offsets = [await asyncio.to_thread(self._change_log(spec).append, changes) for spec in specs]
+        except OSError as e:  # not written: the caller must send them again
+            raise HTTPException(503, f"change log unavailable, changes not written: {e}",
+                                headers={"Retry-After": "1"}) from e
+        return ItemsResponse(offset=offsets[-1], accepted=len(changes), logs=len(specs))
+
+    def _change_log(self, spec: str) -> ChangeLog:
+        if spec not in self._change_logs:
+            self._change_logs[spec] = open_change_log(spec)
+        return self._change_logs[spec]
+
     @app.post("/events", response_model=EventsResponse)
     async def events(self, req: EventsRequest,
                      x_api_key: str | None = Header(None, alias=API_KEY_HEADER, max_length=256)) -> EventsResponse:
@@ -367,6 +397,8 @@ class Ingress:
                                        self.store.stats(), return_exceptions=True)
         failed = {name: f"{type(r).__name__}: {r}" for name, r in zip([*weights, "online_store"], results)
                   if isinstance(r, BaseException)}
+        # each version's stages as one of their replicas answered: layout, shards, vectors, change-log offset
+        stages = {v: r for v, r in zip(weights, results) if not isinstance(r, BaseException)}
         body = {"status": "ok" if not failed else "unavailable", "failed": failed, "versions": dict(weights),
-                "admission": self.admission.stats()}
+                "admission": self.admission.stats(), "stages": stages}
         return JSONResponse(body, status_code=200 if not failed else 503)

@@ -34,13 +34,14 @@ class RankingCore:
         pinned item the catalog knows wherever it ranks (reason "pinned" unless retrieval also found it)."""
         pools = [self._pool(r) for r in requests]
         stacked = [np.concatenate([r.candidates.features[k] for r in requests]) for k in USER_INPUTS]  # (B, ...)
-        scores = score_candidates(self.model, *stacked, [idx for idx, _ in pools])
+        known = self.forward.n_trained  # items added since the bundle score as the ranker's unknown item
+        scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _ in pools])
         return [self._ranked(r, idx, reasons, s) for r, (idx, reasons), s in zip(requests, pools, scores)]
 
     def _pool(self, req: RankRequest) -> tuple[np.ndarray, list[str]]:
         """Candidates, then the pinned items that are not candidates already (unknown ids are left out)."""
         cands = req.candidates
-        pinned = self.space.lookup("item_ids", list(req.pinned_items))
+        pinned = np.asarray([self.forward.index_of(i) for i in req.pinned_items], dtype=np.int64)
         extra = np.setdiff1d(pinned[pinned > 0], cands.item_idx)
         return (np.concatenate([cands.item_idx, extra]).astype(np.int64),
                 list(cands.reasons) + ["pinned"] * len(extra))

@@ -19,7 +19,7 @@ import torch
 from training.data.features import USER_INPUTS, FeatureSpace
 from training.request.contracts import Candidates, RetrievalRequest
 from training.request.features import request_features
-from training.request.forward import ForwardIndex
+from training.request.forward import ForwardIndex, ForwardUpdate
 from training.request.interests import (ConditionConfig, InterestQueries, category_query_buckets, merge_queries,
                                         user_queries)
 
@@ -115,7 +115,10 @@ class RetrievalCore:
 
     def merge(self, features: dict[str, np.ndarray], q: InterestQueries, D: np.ndarray, I: np.ndarray,
               k: int) -> Candidates:
-        """The index's (nq, k) scores D and item indices I (-1 = none) -> at most k candidates with reasons."""
+        """The index's (nq, k) scores D and item indices I (-1 = none) -> at most k candidates with reasons. An item
+        deleted since the index answered (a shard actor not yet told) is left out."""
+        if self.forward.deleted.any():
+            I = np.where(self.forward.deleted[np.maximum(I, 0)], -1, I)
         if self.multi_interest:
             idx, scores, reasons = merge_queries(D, I, q, 1, k, self.item_category, self.conditions.min_score)[0]
         else:
@@ -127,14 +130,36 @@ class RetrievalCore:
         """Popular items, then new ones (up to COLD_START_EACH of each, within the filter), for a user with no
         engagement."""
         popular, newest = self.by_popularity, self.newest
-        if allowed is not None:
-            popular, newest = popular[allowed[popular]], newest[allowed[newest]]
+        allowed = self.forward.live() if allowed is None else allowed  # never a deleted item
+        popular, newest = popular[allowed[popular]], newest[allowed[newest]]
         popular = popular[:COLD_START_EACH]
         new = newest[~np.isin(newest, popular)][:COLD_START_EACH]
         idx = np.concatenate([popular, new])[:k]
         reasons = (["cold_start:popular"] * len(popular) + ["cold_start:new"] * len(new))[:k]
         return Candidates(features, idx.astype(np.int64), np.zeros(len(idx), np.float32), tuple(reasons),
                           cold_start=True)
+
+    @torch.inference_mode()
+    def item_vectors(self, idx: np.ndarray) -> np.ndarray:
+        """(n,) item indices -> (n, D) float32 vectors from the items' current attributes. An item new to the bundle
+        embeds from its brand, category and price alone (the tower's unknown-item row), without a retrain."""
+        if not hasattr(self.model, "item_tower"):
+            raise ValueError(f"{type(self.model).__name__} has no attribute item tower: live item changes need one")
+        f = self.forward
+        inputs = (np.where(idx <= f.n_trained, idx, 0), self.space.lookup("brands", f.brands[idx].tolist()),
+                  self.space.lookup("categories", f.categories[idx].tolist()), self.space.price_bucket(f.price[idx]))
+        return self.model.item_tower(*(torch.from_numpy(np.asarray(a, np.int64)) for a in inputs)).numpy()
+
+    def applied(self, update: ForwardUpdate) -> None:
+        """Follows a change of the forward index (`ForwardIndex.apply`): item categories, the newest items."""
+        if len(self.item_category) < len(self.forward.item_ids):
+            grown = np.zeros(len(self.forward.item_ids), dtype=self.item_category.dtype)
+            grown[:len(self.item_category)] = self.item_category
+            self.item_category = grown
+        if len(update.embed):
+            self.item_category[update.embed] = self.space.lookup(
+                "categories", self.forward.categories[update.embed].tolist())
+            self.newest = np.argsort(-self.forward.created_s[1:], kind="stable") + 1
 
     def stats(self) -> dict[str, Any]:
         return {"model": "multi_interest" if self.multi_interest else "single_vector",

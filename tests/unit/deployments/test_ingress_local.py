@@ -2,67 +2,14 @@
 version's Retrieval (over in-process FAISS shards) and Ranking, then the policy; no Ray cluster is started."""
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import pytest
-import torch
 from fastapi import HTTPException
-from ray import serve
 
 from deployments.calls import LocalCalls
-from deployments.ingress.admin import SteeringRegistry
-from deployments.ingress.routes import Ingress
 from deployments.ranking import Ranking
 from deployments.retrieval import Retrieval
 from deployments.schemas import EventsRequest, PolicyUpdateRequest, RecommendRequest
-from deployments.store import RecentActions, local_store
-from deployments.version import Version
-from indexing.embed import IndexConfig, write_index_manifest
-from indexing.shards import FaissShard, shard_of
-from training.data.features import build_feature_space
-from training.data.synthetic import generate_shop
-from training.fit.bundle import load_bundle, write_bundle
-from training.fit.offline_metrics import item_vectors
-from training.fit.version import items_table
-from training.models.ranker import MultiTaskRanker, RankerConfig
-from training.models.two_tower import SeedTwoTower, SeedTwoTowerConfig
-
-TOKEN = "local-admin-token"
-
-
-@pytest.fixture(scope="module")
-def local_app(tmp_path_factory):
-    """A tiny shop's bundle (untrained seed two-tower and ranker), its index in two in-process shards, the store
-    seeded with the shop's events, and the ingress wired to them; `serve.run` in local testing mode."""
-    torch.manual_seed(0)
-    shop = generate_shop("tiny", seed=0)
-    space = build_feature_space(shop.catalog, shop.users, shop.events)
-    sizes = {k: v for k, v in space.sizes.items() if k in SeedTwoTowerConfig.__dataclass_fields__}
-    path = write_bundle(tmp_path_factory.mktemp("bundle"), "v1", space,
-                        items_table(shop.catalog, space, np.ones(space.n_items + 1)),
-                        SeedTwoTower(SeedTwoTowerConfig(**sizes)), MultiTaskRanker(RankerConfig(**space.sizes)),
-                        {"retrieval": {}}, "snap", {}, {"model": "two_tower"})
-    V = item_vectors(load_bundle(path).two_tower())
-    ids = np.arange(1, space.n_items + 1)
-    shards = [FaissShard(V.shape[1]) for _ in range(2)]
-    for s, shard in enumerate(shards):
-        mine = ids[shard_of(ids, 2) == s]
-        shard.add(mine, V[mine])
-    write_index_manifest(path, "v1", V.shape[1], [s.stats() for s in shards], 0.0, IndexConfig())
-    state = RecentActions()
-    state.load_events(shop.events)
-    retrieval = Retrieval.bind(str(path), 1, shards=[LocalCalls(s) for s in shards])
-    ranking = Ranking.bind(str(path), 1, False)  # @serve.batch needs a real replica: local mode scores one by one
-    version = Version.bind(retrieval, ranking, str(path), "v1")
-    user_config = {"versions": {"v1": 100}, "policy": {}, "candidates": 200,
-                   "admin_token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
-    app = Ingress.options(user_config=user_config).bind(
-        local_store(state), SteeringRegistry(), {"v1": {"retrieval": retrieval, "ranking": ranking, "version": version}},
-        routing_registry=SteeringRegistry())
-    handle = serve.run(app, _local_testing_mode=True)
-    engaged = [u for u in shop.events.column("user_id").to_pylist()[:200] if state.get(u)["items"]]
-    return {"handle": handle, "shop": shop, "user": engaged[0], "shards": shards, "bundle": str(path), "state": state}
+from local_stack import TOKEN
 
 
 def recommend(app, authorization=None, **body):

@@ -1,0 +1,86 @@
+"""The request-time cores after live catalog changes: retrieval embeds a new item from its attributes with the
+version's own item tower, never returns a deleted item, offers new items to cold starts; ranking scores items new
+to the bundle and carries their attributes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.changes import ItemChange
+from training.data.features import build_feature_space
+from training.data.synthetic import generate_shop
+from training.fit.bundle import load_bundle, write_bundle
+from training.fit.offline_metrics import item_vectors
+from training.fit.version import items_table
+from training.models.ranker import MultiTaskRanker, RankerConfig
+from training.models.two_tower import SeedTwoTower, SeedTwoTowerConfig
+from training.request.contracts import Candidates, ItemFilter, RankRequest, RetrievalRequest
+from training.request.ranking import RankingCore
+from training.request.retrieval import RetrievalCore
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    shop = generate_shop("tiny", seed=0)
+    space = build_feature_space(shop.catalog, shop.users, shop.events)
+    sizes = {k: v for k, v in space.sizes.items() if k in SeedTwoTowerConfig.__dataclass_fields__}
+    items = items_table(shop.catalog, space, np.ones(space.n_items + 1))
+    tower = SeedTwoTower(SeedTwoTowerConfig(**sizes))
+    tower.set_item_features(*(torch.from_numpy(np.concatenate([[0], items.column(c).to_numpy()]))
+                              for c in ("brand_idx", "category_idx", "price_bucket")))  # as training fills them
+    path = write_bundle(tmp_path_factory.mktemp("bundle"), "v1", space, items,
+                        tower, MultiTaskRanker(RankerConfig(**space.sizes)),
+                        {"retrieval": {}}, "snap", {}, {"model": "two_tower"})
+    return load_bundle(path)
+
+
+def test_the_item_tower_embeds_known_items_as_the_index_did_and_new_ones_from_their_attributes(bundle):
+    core = RetrievalCore.from_bundle(bundle)
+    n = core.forward.n_trained
+    idx = np.arange(1, n + 1)
+    assert np.allclose(core.item_vectors(idx), item_vectors(bundle.two_tower())[idx], atol=1e-5)
+    brand, category = core.forward.brands[1], core.forward.categories[1]
+    update = core.forward.apply([ItemChange("upsert", "brand-new", brand, category, float(core.forward.price[1]),
+                                            created_at=2e9)])  # the log stamps the write time
+    core.applied(update)
+    new = core.item_vectors(np.asarray([n + 1]))
+    assert new.shape == (1, 64) and np.isclose(np.linalg.norm(new), 1.0, atol=1e-5)
+    with torch.inference_mode():  # the unknown-item row plus the item's brand, category and price
+        expected = bundle.two_tower().item_tower(*(torch.tensor([v]) for v in (
+            0, *(bundle.item_features().__dict__[k][1] for k in ("brand_idx", "category_idx", "price_bucket")))))
+    assert np.allclose(new, expected.numpy(), atol=1e-5)
+    assert core.item_category[n + 1] == core.item_category[1]
+    assert core.newest[0] == n + 1  # the newest item of all, offered to cold starts
+
+
+def test_deleted_items_leave_every_answer_and_stock_changes_apply_to_filters_at_once(bundle):
+    core = RetrievalCore.from_bundle(bundle)
+    popular = core.by_popularity[:3]
+    gone = core.forward.item_ids[popular[0]]
+    core.applied(core.forward.apply([ItemChange("delete", gone),
+                                     ItemChange("update", core.forward.item_ids[popular[1]], in_stock=False)]))
+    features = core.encode(RetrievalRequest({"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 50),
+                           0.0)
+    cold = core.cold_start(features, 50)
+    assert popular[0] not in cold.item_idx and popular[1] in cold.item_idx
+    in_stock = core.cold_start(features, 50, core.allowed(RetrievalRequest(
+        {"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 50, ItemFilter(in_stock=True))))
+    assert popular[1] not in in_stock.item_idx
+    I = np.asarray([[popular[0], popular[2], -1]])
+    merged = core.merge(features, None, np.asarray([[0.9, 0.8, -np.inf]], np.float32), I, 3)
+    assert merged.item_idx.tolist() == [popular[2]]  # a shard that has not removed it yet cannot serve it
+
+
+def test_ranking_scores_items_new_to_the_bundle_and_leaves_deleted_pinned_items_out(bundle):
+    core = RankingCore.from_bundle(bundle)
+    n = core.forward.n_trained
+    core.forward.apply([ItemChange("upsert", "brand-new", "b-x", "c-x", 3.0), ItemChange("delete", "i1")])
+    features = RetrievalCore.from_bundle(bundle).encode(
+        RetrievalRequest({"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 2), 0.0)
+    cands = Candidates(features, np.asarray([1 + 1, n + 1], np.int64), np.zeros(2, np.float32), ("retrieval",) * 2)
+    ranked = core.rank([RankRequest(cands, 10, ("i1", "brand-new"))])[0]
+    assert set(ranked.item_ids) == {core.forward.item_ids[2], "brand-new"}  # i1 is deleted: not pinned
+    at = ranked.item_ids.index("brand-new")
+    assert (ranked.brands[at], ranked.categories[at], bool(ranked.in_stock[at])) == ("b-x", "c-x", True)
