@@ -123,6 +123,40 @@ def _status(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2)) if args.json else print_placements(report)
 
 
+def _items(args: argparse.Namespace) -> None:
+    """`recsys items apply FILE.parquet`: the file's changes into the change log the shop's live versions follow."""
+    import pyarrow.parquet as pq
+
+    from deployments.app import change_log_spec
+    from indexing.changes import MAX_CHANGES, open_change_log
+    from training.data.changes import changes_from_table
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's many read errors: name the file
+        raise ValueError(f"{path}: not a readable Parquet file: {e}") from e
+    changes = changes_from_table(table, str(path))
+    spec = args.log
+    if spec is None:
+        from cluster.demo import bundles_root
+
+        cfg = load_config(args.config)
+        if not Path(cfg.data.dir).is_dir():
+            raise FileNotFoundError(f"{cfg.data.dir}: no shop here (run `make demo`, or pass --log)")
+        spec = change_log_spec(cfg.serving, bundles_root(cfg, Path(cfg.data.dir)) / "any-version")
+    if not spec:
+        raise ValueError("serving.changes is off in this config: pass --log PATH_OR_REDIS_URL")
+    log = open_change_log(spec)
+    offset = log.end()
+    for start in range(0, len(changes), MAX_CHANGES):
+        offset = log.append(changes[start:start + MAX_CHANGES])
+    print(json.dumps({"file": str(path), "changes": len(changes), "log": spec if "://" not in spec else "redis",
+                      "offset": offset}))
+
+
 def _rollout(args: argparse.Namespace) -> None:
     from cluster.rollout_cli import run
 
@@ -190,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rollout_arguments(ro)
     ro.set_defaults(func=_rollout)
+
+    it = sub.add_parser("items", help="catalog changes into the change log the live versions follow (no rebuild)")
+    it_sub = it.add_subparsers(dest="items_command", required=True)
+    ap = it_sub.add_parser("apply", help="apply a Parquet file of changes: columns op (upsert | update | delete), "
+                           "item_id, and brand, category, price, in_stock, created_at (null keeps the value)")
+    ap.add_argument("file", metavar="FILE.parquet")
+    ap.add_argument("--config", default="demo", help="whose shop's log (default: demo's; see serving.changes)")
+    ap.add_argument("--log", default=None, help="the change log itself: a file path or a redis:// URL")
+    ap.set_defaults(func=_items)
 
     for name, keep in (("demo", False), ("serve", True)):
         d = sub.add_parser(name, help="data, training, indexing, serving and real HTTP requests" if not keep

@@ -79,13 +79,18 @@ class Phases:
         return table
 
 
+def bundles_root(cfg: RecsysConfig, shop_dir: Path) -> Path:
+    """The folder of the demo's bundles of one shop snapshot (and of their catalog change log, `serving.changes`)."""
+    return Path(cfg.demo.bundles_dir) / f"shop-{snapshot_id(shop_dir)}-format{BUNDLE_FORMAT}"
+
+
 def ensure_bundles(cfg: RecsysConfig, shop_dir: Path, phases: Phases) -> dict[str, Path]:
     """Trains (or reuses, for the same data snapshot) one bundle per demo version, then builds each one's index.
 
     With `demo.share_ranker`, versions after the first take the first version's ranker (same data, same ranker
     settings) instead of training an identical one again: the versions differ in their retrieval models.
     """
-    root = Path(cfg.demo.bundles_dir) / f"shop-{snapshot_id(shop_dir)}-format{BUNDLE_FORMAT}"
+    root = bundles_root(cfg, shop_dir)
     bundles: dict[str, Path] = {}
     for i, version in enumerate(cfg.demo.versions):
         path = root / version

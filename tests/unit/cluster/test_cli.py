@@ -29,3 +29,31 @@ def test_rollout_command_parses_durations_steps_and_refuses_bad_ones(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["rollout", "shift", "v3", "--every", "soon"])
     assert "--every" in capsys.readouterr().err
+
+
+def test_items_apply_writes_a_parquet_file_of_changes_to_the_log_and_names_a_bad_row(tmp_path, capsys):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from cluster.cli import main
+    from indexing.changes import FileChangeLog
+
+    good, bad, log = tmp_path / "changes.parquet", tmp_path / "bad.parquet", tmp_path / "item-changes.jsonl"
+    pq.write_table(pa.table({"op": ["upsert", "update", "delete"], "item_id": ["n1", "i2", "i3"],
+                             "brand": ["b", None, None], "category": ["c", None, None], "price": [1.0, None, None],
+                             "in_stock": [None, False, None]}), good)
+    main(["items", "apply", str(good), "--log", str(log)])
+    assert json.loads(capsys.readouterr().out)["offset"] == 3
+    assert [(c.op, c.item_id) for _, c in FileChangeLog(log).read(0)] == [("upsert", "n1"), ("update", "i2"),
+                                                                         ("delete", "i3")]
+    pq.write_table(pa.table({"op": ["delete", "update"], "item_id": ["a", "b"]}), bad)
+    with pytest.raises(SystemExit):
+        main(["items", "apply", str(bad), "--log", str(log)])
+    assert "bad.parquet: row 1: " in capsys.readouterr().err and FileChangeLog(log).end() == 3  # nothing written
+    (tmp_path / "not.parquet").write_text("op,item_id\n")
+    with pytest.raises(SystemExit):
+        main(["items", "apply", str(tmp_path / "not.parquet"), "--log", str(log)])
+    assert "not a readable Parquet file" in capsys.readouterr().err

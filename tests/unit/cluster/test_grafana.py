@@ -22,7 +22,7 @@ def test_every_dashboard_query_reads_an_exported_metric():
     dashboard = json.loads(DASHBOARD.read_text())
     exported = exported_metric_names()
     assert {"recsys_stage_ms", "recsys_requests", "recsys_shadow_overlap", "recsys_index_items",
-            "recsys_query_cache_lookups"} <= exported
+            "recsys_query_cache_lookups", "recsys_change_log_lag"} <= exported
     used = set()
     for panel in dashboard["panels"]:
         assert panel["targets"], panel["title"]
