@@ -68,6 +68,10 @@ def empty_index(spec: IndexSpec, dim: int, sample: np.ndarray | None = None) -> 
         raise ValueError(f"index kind {spec.kind} needs a training sample of vectors")
     nlist = min(spec.nlist, max(1, len(sample) // 39))  # FAISS wants >= 39 training points per list
     index = faiss.index_factory(dim, f"IVF{nlist},{code}", metric)
+    if spec.kind == "ivf_pq":
+        # Polysemous training reorders the PQ codes for Hamming-distance filtering, which only a search with
+        # polysemous_ht set uses; it was 95% of the PQ build time here (9.7 s of 10 for 4,000 vectors).
+        faiss.downcast_index(index).do_polysemous_training = False
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
     return index
