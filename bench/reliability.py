@@ -373,7 +373,7 @@ def faults(stack: Stack, args: argparse.Namespace, timeout_s: float) -> dict[str
     from cluster.serving import deploy_version, wait_healthy
     from deployments.ingress.routing import version_app_name
     from deployments.store import STORE_NAME
-    from indexing.embed import get_shards
+    from indexing.embed import get_shards, read_index_manifest
     from training import NAMESPACE
 
     import ray
@@ -396,9 +396,9 @@ def faults(stack: Stack, args: argparse.Namespace, timeout_s: float) -> dict[str
     for path in stack.bundles.values():
         deploy_version(path, sharded)
     wait_healthy(stack.url, timeout_s=300)
-    n_shards = stack.cfg.index.n_shards
     result["index shard (sharded layout)"] = run_fault(
-        stack, lambda t: ray.kill(get_shards(first, n_shards)[0], no_restart=False), args, timeout_s)
+        stack, lambda t: ray.kill(get_shards(read_index_manifest(stack.bundles[first]))[0], no_restart=False),
+        args, timeout_s)
     for path in stack.bundles.values():
         deploy_version(path, stack.cfg.serving)
     wait_healthy(stack.url, timeout_s=300)

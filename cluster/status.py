@@ -13,7 +13,7 @@ PROJECT_ACTORS = re.compile(r"^(recsys-.*|.+-shard-\d+|SERVE_REPLICA::.*|SERVE_C
 
 
 def describe(name: str) -> str:
-    """A named actor as a person reads it: "recsys-v1/Retrieval replica", "index shard v1-shard-0", ..."""
+    """A named actor as a person reads it: "recsys-v1/Retrieval replica", "index shard v1-shard-0 (build ...)", ..."""
     m = re.match(r"SERVE_REPLICA::([^#]+)#([^#]+)#", name)
     if m:
         return f"{m.group(1)}/{m.group(2)} replica"
@@ -21,8 +21,9 @@ def describe(name: str) -> str:
         return "Serve HTTP proxy"
     if name == "SERVE_CONTROLLER_ACTOR":
         return "Serve controller"
-    if re.fullmatch(r".+-shard-\d+", name):
-        return f"index shard {name}"
+    m = re.fullmatch(r"(.+)@(.+)-shard-(\d+)", name)
+    if m:
+        return f"index shard {m.group(1)}-shard-{m.group(3)} (build {m.group(2)})"
     return name
 
 

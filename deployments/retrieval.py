@@ -26,6 +26,7 @@ from training.request.retrieval import RetrievalCore
 
 logger = logging.getLogger("ray.serve")
 SHARD_TIMEOUT_S = 2.0  # a shard slower than this is left out of the answer (marked partial), never waited for
+INDEX_WATCH_S = 2.0  # how often a replica looks for a rebuilt index of its version
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=8, max_queued_requests=16,
@@ -58,8 +59,12 @@ class Retrieval:
             if self.layout == "in_process":  # [3] the vectors pass through memory, not a network call
                 shards = [LocalCalls(s) for s in load_shards(bundle_dir, manifest)]
             else:
-                shards = [ActorCalls(s) for s in get_shards(bundle.version, len(manifest["shards"]))]
+                shards = [ActorCalls(s) for s in get_shards(manifest)]
         self.shards = list(shards)
+        # [6] a rebuilt index is switched to when its manifest replaces this one (indexing.embed.embed_catalog)
+        self.bundle_dir, self.layout_setting = bundle_dir, (layout, memory_mb)
+        self.build = manifest.get("build") if manifest and self.layout != "given" else None
+        self._index_watch: asyncio.Task | None = None
         self.changes = None
         if changes:  # [5] new items, attribute changes and deletions, applied without a rebuild
             follower = Follower(open_change_log(changes), self.core.forward, self.core.item_vectors,
@@ -90,9 +95,47 @@ class Retrieval:
         D, I = merge_top_k([p[0] for p in ok], [p[1] for p in ok], k)
         return D, I, len(ok) < len(parts)
 
-    async def retrieve(self, req: RetrievalRequest) -> Candidates:
+    def _ensure_background(self) -> None:
+        """Starts following the change log and watching the index manifest, on the running loop (once)."""
         if self.changes is not None:
             self.changes.ensure_started()
+        if self.build is not None and (self._index_watch is None or self._index_watch.done()):
+            self._index_watch = asyncio.get_running_loop().create_task(self._watch_index())
+
+    async def _watch_index(self) -> None:
+        while True:
+            await asyncio.sleep(INDEX_WATCH_S)
+            try:
+                await self.switch_index()
+            except Exception as e:  # noqa: BLE001 - the serving build goes on; the next look tries again
+                logger.warning(f"{self.version}: switching to the rebuilt index failed: {e!r}")
+
+    async def switch_index(self) -> bool:
+        """Switches to the index build the manifest names, when it is not this replica's: loads it (in process) or
+        finds its shard actors, brings it to the change log's offset, then serves from it; the old build answers
+        every request until then. True when it switched."""
+        manifest = await asyncio.to_thread(read_index_manifest, self.bundle_dir)
+        if manifest.get("build") in (None, self.build) or manifest.get("version") != self.version:
+            return False
+        layout = index_layout(manifest, *self.layout_setting)
+        if layout == "in_process":
+            shards = [LocalCalls(s) for s in await asyncio.to_thread(load_shards, self.bundle_dir, manifest)]
+        else:
+            shards = [ActorCalls(s) for s in get_shards(manifest)]
+        if self.changes is not None:  # the new build holds the bundle's catalog: replay the changes since
+            follower = self.changes.follower
+            follower.n_shards = len(shards)
+            for i, shard in enumerate(shards):
+                catch_up = follower.catch_up(0, i)
+                if catch_up is not None:
+                    await shard.apply_changes(catch_up)
+            self.changes.shards = shards
+        self.shards, self.layout, self.build = shards, layout, manifest["build"]
+        logger.warning(f"{self.version}: now serving index build {self.build} ({layout}, {manifest['n_items']} items)")
+        return True
+
+    async def retrieve(self, req: RetrievalRequest) -> Candidates:
+        self._ensure_background()
         features = self.core.encode(req, time.time())
         allowed = self.core.allowed(req)
         hits, misses = self.core.cache.hits, self.core.cache.misses
@@ -120,14 +163,15 @@ class Retrieval:
             raise RuntimeError(f"{self.version}: no index shard answers: {stats[0]!r}")
         if self.layout == "in_process" and any(s["ntotal"] == 0 for s in stats):
             raise RuntimeError(f"{self.version}: an in-process shard holds no vectors")
+        self._ensure_background()
         if self.changes is not None:
-            self.changes.ensure_started()
             if self.layout == "sharded":  # a shard actor that restarted from its file missed the changes since
                 await self.changes.check_shards()
 
     async def health(self) -> dict[str, Any]:
+        self._ensure_background()
         stats = await asyncio.gather(*[s.stats() for s in self.shards])
-        return {"version": self.version, "layout": self.layout, "shards": len(stats),
+        return {"version": self.version, "layout": self.layout, "build": self.build, "shards": len(stats),
                 "items": sum(s["ntotal"] for s in stats),
                 "shard_changes_offsets": [s.get("changes_offset", 0) for s in stats],
                 "changes": self.changes.stats() if self.changes is not None else None, **self.core.stats()}

@@ -7,6 +7,7 @@ vectors straight to the shard actors, so no vector passes through the driver. Sh
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -44,8 +45,10 @@ class IndexConfig:
         return asdict(self)
 
 
-def shard_name(version: str, i: int) -> str:
-    return f"{version}-shard-{i}"
+def shard_name(version: str, build: str, i: int) -> str:
+    """`<version>@<build>-shard-<i>`: a build's shards live beside the serving build's until the switch ('@' is not
+    a character of version names)."""
+    return f"{version}@{build}-shard-{i}"
 
 
 class ShardActor(FaissShard):
@@ -66,14 +69,14 @@ class ShardActor(FaissShard):
         return self.save(self.path)
 
 
-def create_shards(version: str, dim: int, cfg: IndexConfig, folder: Path,
+def create_shards(version: str, build: str, dim: int, cfg: IndexConfig, folder: Path,
                   template: bytes | None = None) -> list[ray.actor.ActorHandle]:
-    """Fresh, empty shard actors for a version (any old ones of that name are killed first), each of the configured
-    index type and persisting to `folder/shard-<i>.faiss`; `template` is the trained empty index of the IVF types.
-    They restart after a crash (reloading their file) and a call that hit a restarting shard is retried once."""
-    drop_shards(version)
+    """Fresh, empty shard actors of one build of a version's index, beside any serving build's, each of the
+    configured index type and persisting to `folder/shard-<i>.faiss`; `template` is the trained empty index of the
+    IVF types. They restart after a crash (reloading their file) and a call that hit a restarting shard is retried
+    once."""
     actor = ray.remote(ShardActor)
-    return [actor.options(name=shard_name(version, i), namespace=NAMESPACE, lifetime="detached",
+    return [actor.options(name=shard_name(version, build, i), namespace=NAMESPACE, lifetime="detached",
                           num_cpus=cfg.shard_cpus, max_restarts=-1, max_task_retries=1).remote(
         dim, cfg.ann, template, str(folder / f"shard-{i}.faiss")) for i in range(cfg.n_shards)]
 
@@ -91,37 +94,41 @@ def training_template(bundle, spec: IndexSpec, dim: int, seed: int = 0) -> bytes
     return faiss.serialize_index(empty_index(spec, dim, sample)).tobytes()
 
 
-def get_shards(version: str, n_shards: int) -> list[ray.actor.ActorHandle]:
-    """The shard actors of a version; a missing one raises ValueError naming it."""
+def get_shards(manifest: dict) -> list[ray.actor.ActorHandle]:
+    """The shard actors of an index manifest's build; a missing one raises ValueError naming it."""
     out = []
-    for i in range(n_shards):
+    for s in manifest["shards"]:
         try:
-            out.append(ray.get_actor(shard_name(version, i), namespace=NAMESPACE))
+            out.append(ray.get_actor(s["name"], namespace=NAMESPACE))
         except ValueError as e:
-            raise ValueError(f"index shard {shard_name(version, i)} not found: run `recsys index` for {version}") from e
+            raise ValueError(f"index shard {s['name']} not found: run `recsys index` for {manifest['version']}") from e
     return out
 
 
-def drop_shards(version: str, max_shards: int = 1024) -> int:
-    """Kills the shard actors of a version; returns how many there were."""
-    killed = 0
-    for i in range(max_shards):
+def drop_shards(version: str, keep_builds: tuple[str | None, ...] = ()) -> int:
+    """Kills the shard actors of every build of a version but `keep_builds`; returns how many it killed."""
+    names = [n for n in _named_shards(version) if n.split("@", 1)[1].rsplit("-shard-", 1)[0] not in keep_builds]
+    for name in names:
         try:
-            ray.kill(ray.get_actor(shard_name(version, i), namespace=NAMESPACE))
-            killed += 1
-        except ValueError:
-            break
-    return killed
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:  # gone meanwhile
+            pass
+    return len(names)
+
+
+def _named_shards(version: str) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a.get("namespace") == NAMESPACE and a["name"].startswith(f"{version}@")]
 
 
 class ItemEmbedder:
     """Ray Data callable class: item tower over a batch of catalog rows, vectors pushed to the shard actors."""
 
-    def __init__(self, bundle_dir: str, n_shards: int) -> None:
+    def __init__(self, bundle_dir: str, names: list[str]) -> None:
         torch.set_num_threads(1)
         bundle = load_bundle(bundle_dir)
         self.model = bundle.two_tower()
-        self.shards = get_shards(bundle.version, n_shards)
+        self.shards = [ray.get_actor(name, namespace=NAMESPACE) for name in names]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["item_idx"].astype(np.int64)
@@ -135,52 +142,72 @@ class ItemEmbedder:
 
 
 def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
-    """Re-embeds the bundle's catalog into fresh shards and writes `bundle_dir/index.json`; returns the manifest."""
+    """Re-embeds the bundle's catalog into a new build beside the serving one and switches to it; returns the manifest.
+
+    The build has shard actors and a folder of its own, so the index being replaced keeps serving meanwhile. Only a
+    complete build is switched to: every shard holds its share (the counts checked against the catalog), persisted
+    with its sha256; then `index.json` is replaced in one rename, which live retrieval replicas notice and load
+    (`deployments.retrieval`). The previous build's actors and files stay until the next build, for the replicas
+    still switching; older ones are removed.
+    """
     bundle = load_bundle(bundle_dir)
     t0 = time.perf_counter()
     dim = bundle.config["two_tower"]["dim"]
-    # Each build persists into a folder of its own, so a rebuild never reloads or overwrites the files the index
-    # being replaced was served from; the manifest names the folder, older ones are removed once it is written.
+    previous = read_index_manifest(bundle_dir).get("build") if has_index_manifest(bundle_dir) else None
     build = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     folder = Path(bundle_dir).resolve() / INDEX_DIR / build
     folder.mkdir(parents=True)
-    shards = create_shards(bundle.version, dim, cfg, folder, training_template(bundle, cfg.ann, dim))
+    shards = create_shards(bundle.version, build, dim, cfg, folder, training_template(bundle, cfg.ann, dim))
+    names = [shard_name(bundle.version, build, i) for i in range(cfg.n_shards)]
     # The catalog snapshot is one file of a few integer columns (8 MB per 1M items): read it here and hand it to Ray
     # Data, because read_parquet's file-listing task asks for a whole CPU and on a 2-core node waits forever behind
     # the embedding actors. The vectors, the bulk of the work, never pass through the driver.
     items = pq.read_table(Path(bundle_dir) / "items.parquet",
                           columns=["item_idx", "brand_idx", "category_idx", "price_bucket"])
     ds = ray.data.from_arrow([items.slice(s, cfg.batch_size) for s in range(0, len(items), cfg.batch_size)])
-    counts = ds.map_batches(ItemEmbedder, fn_constructor_args=(str(Path(bundle_dir).resolve()), cfg.n_shards),
+    counts = ds.map_batches(ItemEmbedder, fn_constructor_args=(str(Path(bundle_dir).resolve()), names),
                             batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                                 size=cfg.embed_actors), num_cpus=cfg.embed_cpus)  # [1] the item tower on an actor pool
     routed = int(sum(row["count"] for row in counts.iter_rows()))
     stats = ray.get([s.stats.remote() for s in shards])
     seconds = time.perf_counter() - t0  # the re-embedding, the figure of items/s
-    if routed != len(bundle.items) or sum(s["ntotal"] for s in stats) != len(bundle.items):
+    expected = np.bincount(shard_of(bundle.items.column("item_idx").to_numpy(), cfg.n_shards), minlength=cfg.n_shards)
+    if routed != len(bundle.items) or [s["ntotal"] for s in stats] != expected.tolist():
+        for a in shards:  # never switched to: the serving build goes on
+            ray.kill(a)
+        shutil.rmtree(folder, ignore_errors=True)
         raise RuntimeError(f"index {bundle.version}: {routed} vectors routed, shards hold "
-                           f"{sum(s['ntotal'] for s in stats)}, catalog has {len(bundle.items)}")
+                           f"{[s['ntotal'] for s in stats]}, the catalog's split is {expected.tolist()}")
     # Each shard persists itself: a retrieval replica that holds the whole index in process loads these files, and
     # a restarted shard actor reloads its own.
     digests = ray.get([s.persist.remote() for s in shards])
     stats = [{**st, "file": f"{INDEX_DIR}/{build}/shard-{i}.faiss", "sha256": d}
              for i, (st, d) in enumerate(zip(stats, digests))]
-    manifest = write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg)
+    # the switch: one rename, after every check
+    manifest = write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg, build, names)
+    keep = {build, previous}
+    drop_shards(bundle.version, keep_builds=tuple(keep))
     for old in (Path(bundle_dir).resolve() / INDEX_DIR).iterdir():
-        if old.is_dir() and old.name != build:
+        if old.is_dir() and old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 
+
 def write_index_manifest(bundle_dir: str | Path, version: str, dim: int, stats: list[dict], seconds: float,
-                         cfg: IndexConfig) -> dict:
-    """Records a built index beside its bundle (`index.json`): its shards with their counts, the build time."""
+                         cfg: IndexConfig, build: str = "local", names: list[str] | None = None) -> dict:
+    """Records a built index beside its bundle (`index.json`): its build, its shards with their counts and actor
+    names, the build time. Written to a temporary file and renamed over the old one: a reader sees the old manifest
+    or the new one, never part of it."""
     n_items = sum(s["ntotal"] for s in stats)
-    manifest = {"version": version, "index_type": cfg.ann.describe(), "ann": cfg.ann.to_dict(), "dim": dim,
-                "n_items": n_items, "shards": [{"name": shard_name(version, i), **s} for i, s in enumerate(stats)],
+    names = names or [shard_name(version, build, i) for i in range(len(stats))]
+    manifest = {"version": version, "build": build, "index_type": cfg.ann.describe(), "ann": cfg.ann.to_dict(),
+                "dim": dim, "n_items": n_items, "shards": [{"name": n, **s} for n, s in zip(names, stats)],
                 "build_seconds": seconds, "items_per_s": n_items / max(seconds, 1e-9),
                 "built_at": iso_utc_now(), "config": cfg.to_dict()}
-    (Path(bundle_dir) / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    tmp = Path(bundle_dir) / f".{INDEX_MANIFEST}.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, Path(bundle_dir) / INDEX_MANIFEST)
     return manifest
 
 

@@ -79,7 +79,7 @@ def index_ok(bundle_dir: str, version: str, n_items: int) -> bool:
     if manifest.get("version") != version or sum(s["ntotal"] for s in manifest["shards"]) != n_items:
         return False
     try:  # the shard actors too: a retired version's were stopped, and a sharded layout searches them
-        get_shards(version, len(manifest["shards"]))
+        get_shards(manifest)
     except ValueError:
         return False
     return True

@@ -52,7 +52,7 @@ def test_shard_fan_out_and_merge_equals_one_exact_index_over_the_catalog(tiny_st
 
     path = tiny_stack["bundles"]["v2"]
     manifest = read_index_manifest(path)
-    shards = get_shards("v2", len(manifest["shards"]))
+    shards = get_shards(manifest)
     assert sum(s["ntotal"] for s in manifest["shards"]) == manifest["n_items"] == 2000
     V = item_vectors(load_bundle(path).two_tower())[1:]  # (n_items, D), row i = item index i + 1
     xq = np.random.default_rng(0).standard_normal((5, V.shape[1])).astype(np.float32)
@@ -245,7 +245,7 @@ def test_catalog_changes_reach_both_layouts_and_a_restarted_shard_actor_without_
     from deployments.retrieval import Retrieval
     from deployments.store import STORE_NAME
     from indexing.changes import open_change_log
-    from indexing.embed import get_shards
+    from indexing.embed import get_shards, read_index_manifest
     from indexing.shards import shard_of
     from training import NAMESPACE
     from training.data.changes import ItemChange
@@ -284,7 +284,7 @@ def test_catalog_changes_reach_both_layouts_and_a_restarted_shard_actor_without_
             found = handle.retrieve.remote(aimed).result(timeout_s=60)
             assert len(found.item_idx) == 1 and found.item_idx[0] > n and not found.cold_start
             new = int(found.item_idx[0])
-        shard = get_shards("v1", 2)[int(shard_of(np.asarray([new]), 2)[0])]
+        shard = get_shards(read_index_manifest(path))[int(shard_of(np.asarray([new]), 2)[0])]
         ray.kill(shard, no_restart=False)
         end = time.monotonic() + 120
         while True:
@@ -307,13 +307,61 @@ def test_catalog_changes_reach_both_layouts_and_a_restarted_shard_actor_without_
     assert live.retrieve.remote(aimed).result(timeout_s=60).item_idx.tolist() == []
 
 
+def test_rebuilding_a_live_versions_index_switches_to_it_without_a_failed_request(tiny_stack):
+    """`embed_catalog` builds the new index beside the serving one (its own shard actors and files) and switches by
+    replacing the manifest; the live replicas load it within seconds while requests to that version go on."""
+    import threading
+    import time
+
+    import httpx
+    from ray import serve
+
+    from indexing.embed import embed_catalog, get_shards, read_index_manifest
+
+    path = tiny_stack["bundles"]["v1"]
+    live = serve.get_deployment_handle("Retrieval", "recsys-v1")
+    before = read_index_manifest(path)
+    assert live.health.remote().result(timeout_s=60)["build"] == before["build"]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=30) as client:
+            i = 0
+            while not stop.is_set():
+                r = client.post(f"{tiny_stack['url']}/recommend", json={"user_id": f"u{i % 50}", "k": 5,
+                                                                         "version": "v1"})
+                statuses.append(r.status_code)
+                if r.status_code == 503:  # shed: the client retries after Retry-After, as it should
+                    time.sleep(float(r.headers.get("Retry-After", "1")))
+                i += 1
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        after = embed_catalog(path, tiny_stack["cfg"].index)
+        assert after["build"] != before["build"] and after["n_items"] == before["n_items"]
+        end = time.monotonic() + 60
+        while live.health.remote().result(timeout_s=60)["build"] != after["build"]:
+            assert time.monotonic() < end, "the replicas did not switch to the new build in 60 s"
+            time.sleep(0.5)
+        n = len(statuses)
+        while len(statuses) < n + 10:  # answers from the new build
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert statuses and set(statuses) <= {200, 503} and statuses.count(200) >= 10, statuses
+    assert len(get_shards(before)) == len(get_shards(after)) == 2  # the previous build stays until the next one
+
+
 def test_a_killed_shard_actor_comes_back_with_every_vector_it_had(tiny_stack):
     """Ray restarts the shard actor and it reloads its persisted file: the same count and the same answers."""
     import time
 
-    from indexing.embed import get_shards
+    from indexing.embed import get_shards, read_index_manifest
 
-    shard = get_shards("v1", 2)[0]
+    shard = get_shards(read_index_manifest(tiny_stack["bundles"]["v1"]))[0]
     before = ray.get(shard.stats.remote())
     xq = np.random.default_rng(0).standard_normal((3, before["dim"])).astype(np.float32)
     want = ray.get(shard.search.remote(xq, 20))[1]

@@ -207,8 +207,9 @@ def test_a_tripped_guard_rolls_back_by_itself(rollout_stack, users):
 def test_retire_removes_the_application_and_the_index_shards(rollout_stack):
     from ray import serve
 
-    from indexing.embed import get_shards
+    from indexing.embed import get_shards, read_index_manifest
 
+    manifest = read_index_manifest(rollout_stack["v3"])
     busy = admin(rollout_stack, "POST", "/admin/rollout/retire", {"version": "v1"})
     assert busy.status_code == 409 and "shift the traffic away" in busy.text
     r = admin(rollout_stack, "POST", "/admin/rollout/retire", {"version": "v3"})
@@ -216,7 +217,7 @@ def test_retire_removes_the_application_and_the_index_shards(rollout_stack):
     assert r.json()["index_shards_stopped"] == rollout_stack["cfg"].index.n_shards
     assert "recsys-v3" not in serve.status().applications
     with pytest.raises(ValueError):
-        get_shards("v3", 1)
+        get_shards(manifest)
     forced = recommend(rollout_stack["url"], {"user_id": "u1", "k": 3, "version": "v3"})
     assert forced.status_code == 404
 
