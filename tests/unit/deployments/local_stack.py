@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 from ray import serve
 
 from deployments.calls import LocalCalls
@@ -17,13 +16,9 @@ from deployments.store import RecentActions, local_store
 from deployments.version import Version
 from indexing.embed import IndexConfig, write_index_manifest
 from indexing.shards import FaissShard, shard_of
-from training.data.features import build_feature_space
-from training.data.synthetic import generate_shop
-from training.fit.bundle import load_bundle, write_bundle
+from tests.unit.tiny_bundle import write_tiny_bundle
+from training.fit.bundle import load_bundle
 from training.fit.offline_metrics import item_vectors
-from training.fit.version import items_table
-from training.models.ranker import MultiTaskRanker, RankerConfig
-from training.models.two_tower import SeedTwoTower, SeedTwoTowerConfig
 
 TOKEN = "local-admin-token"
 
@@ -32,19 +27,10 @@ def build(tmp_path_factory, changes: str = "") -> dict:
     """A tiny shop's bundle (untrained seed two-tower and ranker), its index in two in-process shards, the store
     seeded with the shop's events, and the ingress wired to them; `serve.run` in local testing mode. `changes`: the
     catalog change log the stages follow ("" none)."""
-    torch.manual_seed(0)
-    shop = generate_shop("tiny", seed=0)
-    space = build_feature_space(shop.catalog, shop.users, shop.events)
-    sizes = {k: v for k, v in space.sizes.items() if k in SeedTwoTowerConfig.__dataclass_fields__}
-    items = items_table(shop.catalog, space, np.ones(space.n_items + 1))
-    tower = SeedTwoTower(SeedTwoTowerConfig(**sizes))
-    tower.set_item_features(*(torch.from_numpy(np.concatenate([[0], items.column(c).to_numpy()]))
-                              for c in ("brand_idx", "category_idx", "price_bucket")))  # as training fills them
-    path = write_bundle(tmp_path_factory.mktemp("bundle"), "v1", space, items,
-                        tower, MultiTaskRanker(RankerConfig(**space.sizes)),
-                        {"retrieval": {}}, "snap", {}, {"model": "two_tower"})
-    V = item_vectors(load_bundle(path).two_tower())
-    ids = np.arange(1, space.n_items + 1)
+    shop, path = write_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+    bundle = load_bundle(path)
+    V = item_vectors(bundle.two_tower())
+    ids = np.arange(1, bundle.space.n_items + 1)
     shards = [FaissShard(V.shape[1]) for _ in range(2)]
     for s, shard in enumerate(shards):
         mine = ids[shard_of(ids, 2) == s]

@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from training.data.changes import ItemChange
-from training.data.features import build_feature_space
-from training.data.synthetic import generate_shop
-from training.fit.bundle import load_bundle, write_bundle
+from tests.unit.tiny_bundle import write_tiny_bundle
+from training.fit.bundle import load_bundle
 from training.fit.offline_metrics import item_vectors
-from training.fit.version import items_table
-from training.models.ranker import MultiTaskRanker, RankerConfig
-from training.models.two_tower import SeedTwoTower, SeedTwoTowerConfig
 from training.request.contracts import Candidates, ItemFilter, RankRequest, RetrievalRequest
 from training.request.ranking import RankingCore
 from training.request.retrieval import RetrievalCore
@@ -22,18 +18,7 @@ from training.request.retrieval import RetrievalCore
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    torch.manual_seed(0)
-    shop = generate_shop("tiny", seed=0)
-    space = build_feature_space(shop.catalog, shop.users, shop.events)
-    sizes = {k: v for k, v in space.sizes.items() if k in SeedTwoTowerConfig.__dataclass_fields__}
-    items = items_table(shop.catalog, space, np.ones(space.n_items + 1))
-    tower = SeedTwoTower(SeedTwoTowerConfig(**sizes))
-    tower.set_item_features(*(torch.from_numpy(np.concatenate([[0], items.column(c).to_numpy()]))
-                              for c in ("brand_idx", "category_idx", "price_bucket")))  # as training fills them
-    path = write_bundle(tmp_path_factory.mktemp("bundle"), "v1", space, items,
-                        tower, MultiTaskRanker(RankerConfig(**space.sizes)),
-                        {"retrieval": {}}, "snap", {}, {"model": "two_tower"})
-    return load_bundle(path)
+    return load_bundle(write_tiny_bundle(tmp_path_factory.mktemp("bundle"))[1])
 
 
 def test_the_item_tower_embeds_known_items_as_the_index_did_and_new_ones_from_their_attributes(bundle):
