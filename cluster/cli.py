@@ -100,8 +100,8 @@ def _replay(args: argparse.Namespace) -> None:
                                        default=float))
 
 
-BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reliability", "rollout",
-              "autoscaling")  # modules of bench/, each with main(argv)
+BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reembed", "reliability",
+              "rollout", "autoscaling")  # modules of bench/, each with main(argv)
 
 
 def _bench(args: argparse.Namespace) -> None:
