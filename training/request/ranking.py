@@ -35,21 +35,27 @@ class RankingCore:
         pools = [self._pool(r) for r in requests]
         stacked = [np.concatenate([r.candidates.features[k] for r in requests]) for k in USER_INPUTS]  # (B, ...)
         known = self.forward.n_trained  # items added since the bundle score as the ranker's unknown item
-        scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _ in pools])
-        return [self._ranked(r, idx, reasons, s) for r, (idx, reasons), s in zip(requests, pools, scores)]
+        scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _, _ in pools])
+        return [self._ranked(r, idx, reasons, s, n) for r, (idx, reasons, n), s in zip(requests, pools, scores)]
 
-    def _pool(self, req: RankRequest) -> tuple[np.ndarray, list[str]]:
-        """Candidates, then the pinned items that are not candidates already (unknown ids are left out)."""
+    def _pool(self, req: RankRequest) -> tuple[np.ndarray, list[str], int]:
+        """Candidates, then the pinned items that are not candidates already (unknown ids are left out). A candidate
+        this replica does not know yet (an item retrieval's replica added from the change log a moment earlier) is
+        left out until it has applied the change too."""
         cands = req.candidates
+        idx, reasons = cands.item_idx, list(cands.reasons)
+        known = idx < len(self.forward.item_ids)
+        if not known.all():
+            idx, reasons = idx[known], [r for r, k in zip(reasons, known) if k]
         pinned = np.asarray([self.forward.index_of(i) for i in req.pinned_items], dtype=np.int64)
-        extra = np.setdiff1d(pinned[pinned > 0], cands.item_idx)
-        return (np.concatenate([cands.item_idx, extra]).astype(np.int64),
-                list(cands.reasons) + ["pinned"] * len(extra))
+        extra = np.setdiff1d(pinned[pinned > 0], idx)
+        return np.concatenate([idx, extra]).astype(np.int64), reasons + ["pinned"] * len(extra), len(idx)
 
-    def _ranked(self, req: RankRequest, item_idx: np.ndarray, reasons: list[str], scores: np.ndarray) -> RankedList:
+    def _ranked(self, req: RankRequest, item_idx: np.ndarray, reasons: list[str], scores: np.ndarray,
+                n_candidates: int) -> RankedList:
         order = np.argsort(-scores, kind="stable")
         # The best n_out, and every pinned item wherever it ranks (they sit after the retrieved candidates).
-        order = order[(np.arange(len(order)) < req.n_out) | (order >= len(req.candidates.item_idx))]
+        order = order[(np.arange(len(order)) < req.n_out) | (order >= n_candidates)]
         idx, f = item_idx[order], self.forward
         return RankedList(f.item_ids[idx].tolist(), scores[order].astype(np.float32), f.brands[idx].tolist(),
                           f.categories[idx].tolist(), [reasons[i] for i in order], created_at=f.created_s[idx],

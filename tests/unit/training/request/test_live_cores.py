@@ -69,3 +69,15 @@ def test_ranking_scores_items_new_to_the_bundle_and_leaves_deleted_pinned_items_
     assert set(ranked.item_ids) == {core.forward.item_ids[2], "brand-new"}  # i1 is deleted: not pinned
     at = ranked.item_ids.index("brand-new")
     assert (ranked.brands[at], ranked.categories[at], bool(ranked.in_stock[at])) == ("b-x", "c-x", True)
+
+
+def test_ranking_leaves_out_a_candidate_it_has_not_heard_of_yet(bundle):
+    """Retrieval's replica applied a new item a moment before this ranking replica: the item waits, nothing fails."""
+    core = RankingCore.from_bundle(bundle)
+    n = core.forward.n_trained
+    features = RetrievalCore.from_bundle(bundle).encode(
+        RetrievalRequest({"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 3), 0.0)
+    cands = Candidates(features, np.asarray([3, n + 1, 4], np.int64), np.zeros(3, np.float32),
+                       ("retrieval", "retrieval", "interest:1"))
+    ranked = core.rank([RankRequest(cands, 1, (core.forward.item_ids[7],))])[0]
+    assert sorted(ranked.reasons) == ["pinned", "retrieval"] and len(ranked.item_ids) == 2
