@@ -75,8 +75,7 @@ class ForwardIndex:
                     embed.discard(i)
                 continue
             if not i:
-                pending = next((n for n in new if n.item_id == c.item_id), None)
-                if c.op == "update" and pending is None:
+                if c.op == "update":
                     skipped.append(f"update of {c.item_id}: not in the catalog (upsert it first)")
                     continue
                 i = len(self.item_ids) + len(new)  # appended below, with the other new items of this batch
