@@ -3,7 +3,8 @@ the same queries (user vectors of real users of the shop, from their histories),
 
 Per type and setting: recall@k against exact search (the merged top k over all shards), p50/p99 of one query on one
 shard and of the fan-out to every shard plus the merge (in process, one thread), build time (training included)
-and memory read from the index. Writes JSON and a recall-latency plot (PNG beside it).
+and memory read from the index; and under two request filters applied inside the search (one category, in stock
+below the median price), recall against the exact filtered top k and how often a list is as full as exact's. Writes JSON and a recall-latency plot (PNG beside it).
 Usage: python -m bench.index [--bundle bundles/shop-*/v1] [--data data/shop] [--out bench/results/index.json]
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,13 @@ import torch
 
 from bench.ranking import timed
 from indexing.index_types import IndexSpec, empty_index
-from indexing.shards import FaissShard, merge_top_k, shard_of
+from indexing.shards import FaissShard, merge_top_k, pack_allowed, shard_of
 from training.data.schemas import read_shop
 from training.data.splits import temporal
 from training.fit.bundle import load_bundle
 from training.fit.offline_metrics import item_vectors
+from training.request.contracts import ItemFilter
+from training.request.forward import ForwardIndex
 
 SETTINGS = [IndexSpec("flat")] + [IndexSpec("ivf_flat", nlist=256, nprobe=p) for p in (4, 8, 16, 32, 64)] + [
     IndexSpec("ivf_sq8", nlist=256, nprobe=16), IndexSpec("ivf_pq", nlist=256, nprobe=16, pq_m=16),
@@ -45,23 +49,44 @@ def build(spec: IndexSpec, V: np.ndarray, n_shards: int) -> tuple[list[FaissShar
     return shards, time.perf_counter() - t0
 
 
-def search_all(shards: list[FaissShard], xq: np.ndarray, k: int) -> np.ndarray:
-    parts = [s.search(xq, k) for s in shards]
+def search_all(shards: list[FaissShard], xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    parts = [s.search(xq, k, allowed) for s in shards]
     return merge_top_k([d for d, _ in parts], [i for _, i in parts], k)[1]
 
 
+def recall_of(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(f[f > 0], t[t > 0])) / max((t > 0).sum(), 1)
+                          for f, t in zip(found, truth)]))
+
+
 def measure(spec: IndexSpec, V: np.ndarray, xq: np.ndarray, truth: np.ndarray, k: int, n_shards: int,
-            runs: int) -> dict[str, Any]:
+            runs: int, filters: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """One setting's figures; `filters`: name -> (packed allowed bitmap, the exact filtered top k)."""
     shards, seconds = build(spec, V, n_shards)
-    found = search_all(shards, xq, k)
-    recall = float(np.mean([len(np.intersect1d(f[f > 0], t[t > 0])) / max((t > 0).sum(), 1)
-                            for f, t in zip(found, truth)]))
+    recall = recall_of(search_all(shards, xq, k), truth)
     q = iter(np.tile(np.arange(len(xq)), runs // len(xq) + 2))
     one_shard = timed(lambda: shards[0].search(xq[next(q)][None], k), runs)
     fan_out = timed(lambda: search_all(shards, xq[next(q)][None], k), runs)
+    filtered = {}
+    for name, (allowed, exact) in filters.items():  # the filter applied inside each shard's search
+        found = search_all(shards, xq, k, allowed)
+        filtered[name] = {f"recall@{k}": recall_of(found, exact),
+                          "full_lists": float(np.mean((found > 0).sum(1) == (exact > 0).sum(1))),
+                          "fan_out_merge": timed(lambda: search_all(shards, xq[next(q)][None], k, allowed),
+                                                 max(runs // 4, 10))}
     return {"kind": spec.kind, "setting": spec.describe(), "spec": spec.to_dict(), f"recall@{k}": recall,
             "build_s": seconds, "memory_mb": sum(s.stats()["memory_bytes"] for s in shards) / 2**20,
-            "shard": one_shard, "fan_out_merge": fan_out}
+            "shard": one_shard, "fan_out_merge": fan_out, "filtered": filtered}
+
+
+def request_filters(bundle: Any) -> dict[str, ItemFilter]:
+    """Two filters a shopper sends: one category of median size (a few percent of the catalog), and in stock under
+    the median price (about half)."""
+    counts = Counter(bundle.items.column("category").to_pylist())
+    category = sorted(counts, key=counts.get)[len(counts) // 2]
+    median = float(np.median(bundle.items.column("price").to_numpy()))
+    return {f"category {category} ({counts[category]} items)": ItemFilter(categories=(category,)),
+            f"in stock, price <= {median:.2f}": ItemFilter(in_stock=True, price_max=median)}
 
 
 def plot(results: list[dict[str, Any]], k: int, path: Path) -> None:
@@ -105,8 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     task = temporal(read_shop(args.data), max_users=args.queries, seed=0)
     with torch.inference_mode():
         xq = model.user_tower(*(torch.from_numpy(a) for a in task.user_inputs())).numpy()
-    truth = search_all(build(IndexSpec("flat"), V, args.shards)[0], xq, args.k)
-    results = [measure(spec, V, xq, truth, args.k, args.shards, args.runs) for spec in SETTINGS]
+    exact = build(IndexSpec("flat"), V, args.shards)[0]
+    truth = search_all(exact, xq, args.k)
+    forward = ForwardIndex(bundle.items)
+    filters = {}
+    for name, f in request_filters(bundle).items():
+        allowed = pack_allowed(forward.allowed(f))
+        filters[name] = (allowed, search_all(exact, xq, args.k, allowed))
+    results = [measure(spec, V, xq, truth, args.k, args.shards, args.runs, filters) for spec in SETTINGS]
     flat = results[0]["fan_out_merge"]["p50_ms"]
     print(f"{len(V) - 1:,} item vectors of {bundle_dir}, {len(xq)} real users' queries, k={args.k}, "
           f"{args.shards} shards, 1 thread")
@@ -118,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['setting']:44s} {r[f'recall@{args.k}']:7.3f} {s['p50_ms']:9.2f} {s['p99_ms']:7.2f} "
               f"{f['p50_ms']:11.2f} {f['p99_ms']:7.2f} {r['speedup_vs_exact']:6.1f}x {r['build_s']:7.1f} "
               f"{r['memory_mb']:6.1f}")
+    print(f"under filters (inside the search), recall@{args.k} / lists as full as exact / fan-out p50 ms:")
+    for r in results:
+        print(f"{r['setting']:44s} " + "   ".join(
+            f"{name}: {f[f'recall@{args.k}']:.3f} / {f['full_lists']:.2f} / {f['fan_out_merge']['p50_ms']:.2f}"
+            for name, f in r["filtered"].items()))
     good = [r for r in results if r[f"recall@{args.k}"] >= 0.95 and r["kind"] != "flat"]
     best = max(good, key=lambda r: r["speedup_vs_exact"]) if good else None
     print("fastest with recall >= 0.95: " + (f"{best['setting']} at {best['speedup_vs_exact']:.1f}x exact"
