@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,8 @@ class RolloutController:
                 r.log(f"index built: {manifest['n_items']} items in {len(manifest['shards'])} shards, "
                       f"{manifest['build_seconds']:.1f} s")
             r.phase = "deploying"
-            await asyncio.to_thread(serve.run, build_version_app(r.bundle, r.green, self.serving),
+            serving = await self._serving_for_green()
+            await asyncio.to_thread(serve.run, build_version_app(r.bundle, r.green, serving),
                                     name=version_app_name(r.green), route_prefix=None, logging_config=QUIET)
             live = await self.live_routing()
             await self._publish(Routing.make({**live.weights, r.green: 0.0}, live.table, live.shadow,
@@ -187,6 +188,22 @@ class RolloutController:
             r.log(f"failed: {r.error}")
             return
         await self._regate()
+
+    async def _serving_for_green(self) -> ServingConfig:
+        """The candidate follows the catalog change log the serving versions follow, wherever its bundle lies (the
+        default log is the file beside a bundle's folder, which a bundle trained elsewhere would not share)."""
+        r = self.rollout
+        if self.serving.changes != "auto" or not r.blue:
+            return self.serving
+        blue = max(r.blue, key=lambda v: r.blue[v])
+        try:
+            spec = await asyncio.wait_for(VersionStages.of(blue).version.change_log.remote(), 30.0)
+        except Exception as e:  # noqa: BLE001 - the candidate falls back to its own default log, and says so
+            r.log(f"could not ask {blue} for its change log ({type(e).__name__}); using the default")
+            return self.serving
+        if spec:
+            r.log(f"follows the catalog change log of {blue}")
+        return replace(self.serving, changes=spec or "off")
 
     async def regate(self) -> tuple[int, dict[str, Any]]:
         """Runs the gate again on the deployed candidate (after a threshold change, or to measure it anew)."""

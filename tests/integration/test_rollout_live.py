@@ -135,6 +135,7 @@ def test_start_builds_the_index_deploys_beside_the_live_versions_and_gates(rollo
     status = wait_idle(rollout_stack)
     rollout = status["rollout"]
     assert rollout["phase"] == "ready", rollout
+    assert any("follows the catalog change log of v1" in e for e in rollout["events"]), rollout["events"]
     gate = rollout["gate"]
     assert gate["passed"] and gate["blue"] == "v1" and gate["diff"]["requests"] == 30
     names = {c["check"] for c in gate["checks"]}
