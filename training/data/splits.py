@@ -104,7 +104,7 @@ def _train_events_before(events: pa.Table, cut_users: list[str], cut_ms: np.ndar
 
 
 def leave_last_out(shop: Shop, max_users: int | None = None, seed: int = 0, history_len: int = HISTORY_LEN,
-                   dataset: str = "") -> RetrievalTask:
+                   dataset: str = "", space: FeatureSpace | None = None) -> RetrievalTask:
     """Leave-last-out: each user's last first-time engagement is the target, everything before it the history.
 
     Users whose target has no engagement before it cannot be evaluated and keep all their events for training.
@@ -116,8 +116,10 @@ def leave_last_out(shop: Shop, max_users: int | None = None, seed: int = 0, hist
         seed: the sample's seed.
         history_len: L of the history arrays.
         dataset: name for the report.
+        space: the vocabulary to encode with (default: built from the shop). A validation split of a task's
+            training events passes the task's own, so that both index items and contexts alike.
     """
-    space = build_feature_space(shop.catalog, shop.users, shop.events, history_len=history_len)
+    space = space or build_feature_space(shop.catalog, shop.users, shop.events, history_len=history_len)
     eng = engagements_of(shop.events, space)
     # First engagement of each (user, item): engagements are sorted by (user, time), so np.unique's first index is it.
     pair = eng.user_code * (space.n_items + 1) + eng.item_idx
@@ -145,7 +147,7 @@ def leave_last_out(shop: Shop, max_users: int | None = None, seed: int = 0, hist
 
 
 def temporal(shop: Shop, test_fraction: float = 0.1, max_users: int | None = None, seed: int = 0,
-             history_len: int = HISTORY_LEN, dataset: str = "") -> RetrievalTask:
+             history_len: int = HISTORY_LEN, dataset: str = "", space: FeatureSpace | None = None) -> RetrievalTask:
     """Global temporal split: learn from events before the cutoff, find the new items each user engaged with after.
 
     Args:
@@ -155,8 +157,9 @@ def temporal(shop: Shop, test_fraction: float = 0.1, max_users: int | None = Non
         seed: the sample's seed.
         history_len: L of the history arrays.
         dataset: name for the report.
+        space: the vocabulary to encode with (default: built from the shop; see `leave_last_out`).
     """
-    space = build_feature_space(shop.catalog, shop.users, shop.events, history_len=history_len)
+    space = space or build_feature_space(shop.catalog, shop.users, shop.events, history_len=history_len)
     split = temporal_split(shop.events, test_fraction)
     ev = eval_set(split, space, max_users=max_users, seed=seed)
     rows = _user_rows(shop.users, ev.user_ids)

@@ -74,6 +74,35 @@ def main_table(models: dict) -> str:
     return _table(header, rows)
 
 
+def training_table(models: dict) -> str:
+    """Per neural model: epochs run of the budget, the best validation epoch and score, why it stopped, its time."""
+    header = ["model", "epochs run", "budget", "best epoch", "best val NDCG@10", "val R@100", "stopped", "train s"]
+    rows = [[name, v["epochs_run"], v["budget"], v["best_epoch"], v.get("val_ndcg@10"), v.get("val_recall@100"),
+             v["stopped"], m["training"].get("seconds")]
+            for name, m in models.items() if (v := m["training"].get("validation"))]
+    return _table(header, rows) if rows else ""
+
+
+def plot_validation_curves(models: dict, path: Path, title: str) -> bool:
+    """Validation NDCG@10 per epoch, one line per neural model, the kept epoch marked; False when none has a curve."""
+    curves = {n: m["training"]["validation"] for n, m in models.items()
+              if (m["training"].get("validation") or {}).get("curve")}
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, v in curves.items():
+        epochs, scores = zip(*v["curve"])
+        line, = ax.plot(epochs, scores, marker=".", label=name)
+        ax.plot([v["best_epoch"]], [v["val_ndcg@10"]], marker="*", markersize=12, color=line.get_color())
+    ax.set(xlabel="epoch", ylabel="validation NDCG@10", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def sampled_table(models: dict) -> str:
     header = ["model", "sampler", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "trials"]
     rows = [[name, sampler, s["hr@1"], s["hr@5"], s["hr@10"], s["ndcg@5"], s["ndcg@10"], s["trials"]]
@@ -190,6 +219,20 @@ def _protocol_markdown(name: str, p: dict, out_dir: Path) -> tuple[list[str], li
         figures.append(fig_name)
         lines += [f"![{caption}]({fig_name})", ""]
     lines += ["### By user history length", "", history_table(models), ""]
+    table = training_table(models)
+    if table:
+        lines += ["### Training against the validation split", "",
+                  "Each neural model holds out a validation split of its training events (the same protocol one step "
+                  "earlier: the next-to-last engagement, or the newest slice), is scored on it after every epoch, "
+                  "stops once validation NDCG@10 has not improved for `patience` epochs, and keeps its best epoch's "
+                  "weights. The epoch budget is an upper bound.", "", table, ""]
+        warnings = [(n, m["training"]["validation"]["warning"]) for n, m in models.items()
+                    if (m["training"].get("validation") or {}).get("warning")]
+        lines += [f"- **Warning, {n}**: {w}." for n, w in warnings] + ([""] if warnings else [])
+        fig_name = f"validation_{name}.png"
+        if plot_validation_curves(models, out_dir / fig_name, f"Validation NDCG@10 per epoch ({name})"):
+            figures.append(fig_name)
+            lines += [f"![validation curves]({fig_name})", ""]
     if p.get("multi_interest_gain"):
         fig_name = f"multi_interest_gain_{name}.png"
         plot_gain(p["multi_interest_gain"], out_dir / fig_name, f"Multi-interest gain ({name})")

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.fit.validation import VAL_METRIC, EarlyStopping, has_validation, ranking_validation
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -23,8 +25,10 @@ class TrainConfig:
     cpus_per_worker: float = 0.5  # fractional so training fits beside Serve replicas on a 2-core machine
     threads_per_worker: int = 1  # torch intra-op threads; 1 avoids oversubscribing the cores the workers share
     use_gpu: bool = False  # one GPU per worker when true; nothing else changes
-    retrieval_model: str = "two_tower"  # the bundle's retrieval model: two_tower | two_tower_in_batch | multi_interest
-    tower_epochs: int = 3
+    retrieval_model: str = "two_tower"  # the bundle's retrieval model: a name of RETRIEVAL_MODELS
+    tower_epochs: int = 3  # the budget: an upper bound, training stops earlier on its validation split
+    patience: int = 3  # epochs without a better validation NDCG@10 before a retrieval model stops; 0: run the budget
+    val_users: int = 2000  # validation users ranked after every epoch (full catalog, like the test users)
     tower_batch_size: int = 1024  # per worker; also the number of in-batch negatives
     tower_lr: float = 3e-3
     ranker_epochs: int = 2
@@ -132,7 +136,15 @@ def train_loop_per_worker(config: dict) -> None:
     n = len(data[inputs[0]])
     steps = max(1, n // (batch_size * world))  # equal steps on every rank, or DDP waits on a missing all-reduce
     name = config["model"].rpartition(":")[2]
-    for epoch in range(start_epoch, epochs):
+    validate = has_validation(data)
+    stopper = EarlyStopping(config["patience"])
+    best_state = None
+    if saved is not None and "early_stopping" in saved:
+        stopper = EarlyStopping(**saved["early_stopping"])
+        best_state = saved.get("best_model")
+    last: dict | None = saved.get("metrics") if saved is not None else None
+    epoch = start_epoch
+    while epoch < epochs and not (validate and stopper.should_stop):
         order = np.random.default_rng(config["seed"] + epoch).permutation(n)[rank::world]
         model.train()
         t0, total = time.perf_counter(), 0.0
@@ -151,22 +163,56 @@ def train_loop_per_worker(config: dict) -> None:
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "loss": total / steps, "seconds": seconds,
+        epoch += 1
+        metrics = {"epoch": epoch, "loss": total / steps, "seconds": seconds,
                    "examples_per_s": steps * batch_size * world / seconds, "workers": world}
+        inner = getattr(model, "module", model)
+        if validate:
+            metrics |= _validate(inner, data, device, rank, world)
+            if stopper.update(epoch, metrics[VAL_METRIC]) and rank == 0:  # [5] the best epoch's weights are kept
+                best_state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+            metrics |= {"best_epoch": stopper.best_epoch, "stop": stopper.should_stop}
+        last = metrics
         if rank == 0:
-            print(f"[{name}] epoch {epoch + 1}/{epochs} loss {metrics['loss']:.4f} "
-                  f"{metrics['examples_per_s']:,.0f} examples/s on {world} workers", flush=True)
+            val = f" val NDCG@10 {metrics[VAL_METRIC]:.4f} (best epoch {stopper.best_epoch})" if validate else ""
+            print(f"[{name}] epoch {epoch}/{epochs} loss {metrics['loss']:.4f} "
+                  f"{metrics['examples_per_s']:,.0f} examples/s on {world} workers{val}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
-                            "epoch": epoch + 1}, Path(tmp) / "state.pt")
+                torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "early_stopping": stopper.to_dict(), "best_model": best_state, "metrics": metrics},
+                           Path(tmp) / "state.pt")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [4] checkpoint
         else:
             ray.train.report(metrics)
+    if epoch == start_epoch and saved is not None:  # a finished run resumed: report its last checkpoint once more
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(saved, Path(tmp) / "state.pt")
+                ray.train.report(last or {"epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(last or {"epoch": epoch})
+
+
+def _validate(model: torch.nn.Module, data: dict, device, rank: int, world: int) -> dict[str, float]:
+    """Rank 0 scores the validation users; every rank gets the same figures (one decision to stop for all)."""
+    out = torch.zeros(2, dtype=torch.float64)
+    if rank == 0:
+        model.eval()
+        scores = ranking_validation(model, data, device)
+        model.train()
+        out = torch.tensor([scores[VAL_METRIC], scores["val_recall@100"]], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.broadcast(out, src=0)  # gloo on CPU: the process group DDP set up
+    return {VAL_METRIC: float(out[0]), "val_recall@100": float(out[1])}
 
 
 def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
                run_name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Trains one model with `TorchTrainer` and returns its final state dict and the per-epoch metrics.
+    """Trains one model with `TorchTrainer` and returns its state dict and the per-epoch metrics.
+
+    With validation arrays in `data` (`training.fit.validation.validation_arrays`), every epoch is scored on them,
+    training stops after `cfg.patience` epochs without a better NDCG@10 (`spec.epochs` is the budget), and the state
+    returned is the best epoch's. Without them the last epoch's state is returned.
 
     A run of the same `run_name` under `cfg.storage_path` that stopped early resumes from its last checkpoint: Ray
     Train hands the loop that checkpoint through `ray.train.get_checkpoint()`.
@@ -177,7 +223,8 @@ def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
 
     loop_config = {"model": spec.model, "model_config": spec.model_config, "data": ray.put(data),
                    "inputs": list(spec.inputs), "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
-                   "threads": cfg.threads_per_worker, "seed": cfg.seed, "progress": cfg.progress}
+                   "threads": cfg.threads_per_worker, "seed": cfg.seed, "progress": cfg.progress,
+                   "patience": cfg.patience}
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -191,6 +238,7 @@ def fit_on_ray(spec: FitSpec, data: dict[str, np.ndarray], cfg: TrainConfig,
     if result.error is not None:
         raise RuntimeError(f"training {spec.model} failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", weights_only=False)["model"]
+        saved = torch.load(Path(d) / "state.pt", weights_only=False)
+    state = saved.get("best_model") or saved["model"]  # the best validation epoch's weights when validated
     history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [result.metrics]
     return state, history
