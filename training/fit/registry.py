@@ -16,9 +16,12 @@ REGISTRY: dict[str, str] = {
     "item_knn": "training.models.retrieval_baselines:ItemKNN",
     "ease": "training.models.retrieval_baselines:EASE",
     "two_tower_in_batch": "training.fit.retrieval:InBatchTwoTower",
-    "sasrec": "training.fit.retrieval:SASRecRetrieval",
+    "sasrec": "training.fit.retrieval:SASRecRetrieval",  # full softmax up to 20k items, else sampled
+    "sasrec_sampled": "training.fit.retrieval:SASRecSampled",
+    "sasrec_gbce": "training.fit.retrieval:SASRecGBCE",
     "two_tower": "training.fit.retrieval:SeedTwoTowerRetrieval",  # SeedTwoTower is the nn.Module
     "multi_interest": "training.fit.retrieval:MultiInterestRetrieval",
+    "lightgcn": "training.fit.retrieval:LightGCNRetrieval",
 }
 
 

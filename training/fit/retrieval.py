@@ -6,7 +6,9 @@ evaluated user (chunked matrix product), never returning an item in `task.seen`.
 
 - `InBatchTwoTower`: the foundation `TwoTower` (mean pooling, in-batch softmax + logQ).
 - `SeedTwoTowerRetrieval`: seed 000, `SeedTwoTower` (transformer user tower, log-uniform sampled softmax + logQ).
-- `SASRecRetrieval`: `SASRec`, causal self-attention over the engagement sequence, next-item prediction.
+- `SASRecRetrieval`: `SASRec`, causal self-attention over the engagement sequence, next-item prediction; full
+  softmax where the catalog allows it. `SASRecSampled` and `SASRecGBCE` fix its other losses.
+- `LightGCNRetrieval`: `LightGCN`, propagation over the user-item graph with users aggregated from their history.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ from training.data.examples import tower_examples
 from training.data.features import engagements_of, item_lookups
 from training.data.splits import RetrievalTask
 from training.fit.offline_metrics import item_vectors
+from training.fit.validation import training_summary, validation_arrays, validation_task
 from training.fit.train_loop import MIN_BATCH_SIZE, FitSpec, TrainConfig, batch_size_for, build_model, fit_on_ray
 from training.metrics import top_k_excluding
+from training.models.lightgcn import LightGCNConfig
 from training.models.multi_interest import MultiInterestConfig
 from training.models.retrieval_baselines import recommend_by_chunks
 from training.models.sasrec import SEQUENCE_INPUTS, SASRecConfig, sequence_windows
@@ -73,6 +77,7 @@ class _NeuralRetrieval:
     inputs: tuple[str, ...] = TOWER_INPUTS
     default_batch_size: int | None = None  # None: `TrainConfig.tower_batch_size`
     min_batch_size: int = MIN_BATCH_SIZE  # floor of the small-data batch rule (`batch_size_for`)
+    default_model_config: dict = {}  # config fields a registry variant fixes (a SASRec loss); the constructor overrides
 
     def __init__(self, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  run_name: str | None = None, **model_config) -> None:
@@ -89,7 +94,7 @@ class _NeuralRetrieval:
             raise ValueError(f"{self.name}: unknown model config keys {sorted(unknown)}; "
                              f"known: {sorted(_config_fields(self.config_cls))}")
         self.epochs, self.batch_size, self.lr, self.run_name = epochs, batch_size, lr, run_name
-        self.model_config = model_config
+        self.model_config = dict(self.default_model_config) | model_config
         self.model: torch.nn.Module | None = None
 
     def training_data(self, task: RetrievalTask) -> dict[str, np.ndarray]:
@@ -111,18 +116,32 @@ class _NeuralRetrieval:
                        batch_size, self.lr or cfg.tower_lr)
 
     def fit(self, task: RetrievalTask, cfg: TrainConfig) -> dict:
-        """Trains on Ray Train; returns {"seconds", "examples_per_s" (last epoch), "examples", "batch_size",
-        "history"}."""
+        """Trains on Ray Train against a validation split of the task's training events (`training.fit.validation`):
+        the epoch budget is an upper bound, training stops after `cfg.patience` epochs without a better validation
+        NDCG@10, and the best epoch's weights are kept.
+
+        Returns:
+            {"seconds", "examples_per_s" (last epoch), "examples", "batch_size", "history" (per epoch, with the
+            validation scores), "validation" (`training_summary`: epochs run, best epoch and score, warning)}.
+        """
         t0 = time.perf_counter()
-        data = self.training_data(task)
+        val = validation_task(task, cfg.val_users, cfg.seed, cfg.test_fraction) if cfg.val_users > 0 else None
+        data = self.training_data(val or task)  # the validation targets are not learnt from
+        if val is not None:
+            data |= validation_arrays(val)
         spec = self.fit_spec(task, cfg, n_examples=len(data[self.inputs[0]]))
         run_name = self.run_name or f"{self.name}-{task.dataset or 'data'}-{task.protocol}-{uuid.uuid4().hex[:8]}"
         state, history = fit_on_ray(spec, data, cfg, run_name)
         model = build_model(spec.model, spec.model_config)
         model.load_state_dict(state)
         self.model = model.eval()
+        summary = training_summary(history, spec.epochs, cfg.patience) | {
+            "validation_users": len(val.user_ids) if val is not None else 0}
+        if summary["warning"]:
+            print(f"[{self.name}] WARNING: {summary['warning']}", flush=True)
         return {"seconds": time.perf_counter() - t0, "examples_per_s": float(history[-1]["examples_per_s"]),
-                "examples": int(len(data[self.inputs[0]])), "batch_size": spec.batch_size, "history": history}
+                "examples": int(len(data[self.inputs[0]])), "batch_size": spec.batch_size, "history": history,
+                "validation": summary}
 
     def _trained(self) -> torch.nn.Module:
         if self.model is None:
@@ -173,6 +192,41 @@ class SASRecRetrieval(_NeuralRetrieval):
     def training_data(self, task: RetrievalTask) -> dict[str, np.ndarray]:
         """Next-item windows of every user's training engagements."""
         return sasrec_data(task)
+
+
+class SASRecSampled(SASRecRetrieval):
+    """SASRec trained with the log-uniform sampled softmax + logQ whatever the catalog size."""
+
+    name = "sasrec_sampled"
+    default_model_config = {"loss": "sampled"}
+
+
+class SASRecGBCE(SASRecRetrieval):
+    """gSASRec: SASRec trained with gBCE over 256 uniform negatives per position (t = 0.75)."""
+
+    name = "sasrec_gbce"
+    default_model_config = {"loss": "gbce"}
+
+
+def graph_edges(task: RetrievalTask) -> dict[str, np.ndarray]:
+    """One edge per distinct engaged (user, item) pair of the training events: `GRAPH_INPUTS` for `LightGCN`."""
+    eng = engagements_of(task.train_events, task.space)
+    keep = eng.item_idx > 0
+    pair = np.unique(eng.user_code[keep].astype(np.int64) * (task.space.n_items + 1) + eng.item_idx[keep])
+    return {"graph_user": pair // (task.space.n_items + 1), "graph_item": pair % (task.space.n_items + 1)}
+
+
+class LightGCNRetrieval(_NeuralRetrieval):
+    """`LightGCN`: item embeddings propagated over the engagement graph, users aggregated from their history, so it
+    serves like the two-tower (item vectors in the index, a user vector per request)."""
+
+    name = "lightgcn"
+    model_class = "training.models.lightgcn:LightGCN"
+    config_cls = LightGCNConfig
+
+    def training_data(self, task: RetrievalTask) -> dict[str, np.ndarray]:
+        """The two-tower's (history, next item) examples and the graph of the same events."""
+        return tower_data(task) | graph_edges(task)
 
 
 class MultiInterestRetrieval(_NeuralRetrieval):

@@ -77,7 +77,7 @@ def shared_ranker(bundle_dir: str | Path, shop_dir: str | Path,
     return other.ranker(), other.metrics.get("training", {}).get("ranker", [])
 
 
-RETRIEVAL_MODELS = ("two_tower", "two_tower_in_batch", "multi_interest")  # harness registry names a bundle can carry
+RETRIEVAL_MODELS = ("two_tower", "two_tower_in_batch", "multi_interest", "lightgcn")  # registry names a bundle can carry
 
 
 def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, cfg: TrainConfig,
@@ -127,7 +127,8 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     metrics = {"retrieval": retrieval, "ranking": ranking, "eval_users": len(task.user_ids),
                "retrieval_model": cfg.retrieval_model,
                "protocol": "global temporal split, full-catalog ranking, already-seen items excluded",
-               "training": {"retrieval": tower_info["history"], "ranker": ranker_hist},
+               "training": {"retrieval": tower_info["history"], "ranker": ranker_hist,
+                            "retrieval_validation": tower_info.get("validation")},
                "ranker_shared_from": str(ranker_from) if shared is not None else None,
                "train_seconds": time.perf_counter() - t_start}
     conditions = getattr(retriever, "conditions", None)  # the multi-interest model's explicit-condition settings

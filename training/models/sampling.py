@@ -133,3 +133,44 @@ def sampled_softmax_loss(user: torch.Tensor, pos: torch.Tensor, pos_items: torch
         logits = torch.cat([pos_logits, neg_logits], dim=1)  # (B, 1 + S)
         labels = torch.zeros(B, dtype=torch.long, device=user.device)
     return F.cross_entropy(logits, labels)
+
+
+def full_softmax_loss(user: torch.Tensor, items: torch.Tensor, pos_items: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy of each row's positive against every item of the catalog (no sampling, no correction).
+
+    The loss SASRec+ (Klenitskiy & Vasilev, "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?",
+    RecSys 2023) found to matter most: against all items, not one sampled negative. It costs a (B, n_items) logit
+    matrix, so callers use it where the catalog allows (`SASRecConfig.loss`).
+
+    Args:
+        user: (B, D) user vectors. items: (n_items, D) every item's vector, row 0 = padding (never a class).
+        pos_items: (B,) target indices in 1..n_items-1.
+    """
+    logits = user @ items.T / temperature  # (B, n_items)
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits, pos_items)
+
+
+def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
+    """gSASRec's beta = alpha * (t * (1 - 1/alpha) + 1/alpha), alpha = negatives / (items - 1) (the sampling rate).
+
+    t = 0 gives beta = 1 (plain BCE, overconfident on popular items under few negatives); t = 1 gives beta = alpha,
+    which calibrates the positive term to the full-catalog probability.
+    """
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"gbce t must be in [0, 1], got {t}")
+    alpha = n_negatives / max(n_items - 1, 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def gbce_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalised binary cross-entropy of gSASRec (Petrov & Macdonald, RecSys 2023), mean over positives.
+
+    loss = -log(sigmoid(s+) ** beta) - sum_j log(1 - sigmoid(s-_j)).
+
+    Args:
+        pos_logits: (B,) scores of the positives. neg_logits: (B, k) scores of each row's k uniform negatives.
+        beta: `gbce_beta(k, n_items, t)`.
+    """
+    return (-beta * F.logsigmoid(pos_logits) - F.logsigmoid(-neg_logits).sum(-1)).mean()

@@ -2,9 +2,13 @@
 
 Follows Kang & McAuley, "Self-Attentive Sequential Recommendation" (ICDM 2018): item tokens plus learned positions,
 pre-LN causal transformer blocks, and the output at each position scored against the *shared* item embeddings
-(here the sum of item id, brand, category and price tables, so rare items borrow from their attributes). Training
-uses the sampled softmax with log-uniform negatives and logQ correction (`training.models.sampling`) at every position
-instead of the paper's one-negative BCE: with a catalog of 50k+ items, one negative per position learns slowly.
+(here the sum of item id, brand, category and price tables, so rare items borrow from their attributes). The paper's
+one-negative BCE learns slowly; the loss at every position is one of (`SASRecConfig.loss`, `training.models.sampling`):
+
+- "full": cross-entropy over the whole catalog (SASRec+, Klenitskiy & Vasilev 2023; the strongest in their study);
+- "sampled": sampled softmax with log-uniform negatives and logQ correction (what scales to a 1M-item catalog);
+- "gbce": gSASRec's generalised BCE over k uniform negatives per position (Petrov & Macdonald 2023);
+- "auto": "full" up to `FULL_SOFTMAX_MAX_ITEMS` items, else "sampled".
 
 The self-attention block and its mask live in `training.models.blocks`, shared with the seed-000 user tower.
 """
@@ -19,9 +23,14 @@ import torch.nn as nn
 from training.models.blocks import SelfAttentionBlock, attention_mask, recency_positions
 from training.models.embeddings import ItemEmbedding, _table
 from training.data.features import Engagements
-from training.models.sampling import LogUniformSampler, num_negatives, sampled_softmax_loss
+from training.models.sampling import (LogUniformSampler, full_softmax_loss, gbce_beta, gbce_loss, num_negatives,
+                                      sampled_softmax_loss)
 
 SEQUENCE_INPUTS = ("seq_items", "seq_actions", "seq_targets")  # FitSpec.inputs of SASRec
+LOSSES = ("auto", "full", "sampled", "gbce")
+# "auto" takes the full softmax up to this catalog size: a batch's ~2,500 target positions x 20k items is a 200 MB
+# logit matrix (and as much for its gradient) per worker, which a laptop still holds; MovieLens-1M has 3.7k items.
+FULL_SOFTMAX_MAX_ITEMS = 20_000
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,20 @@ class SASRecConfig:
     dropout: float = 0.1  # lighter than the paper's 0.2: the synthetic shop has more data per item than ML-1M
     neg_fraction: float = 0.0042  # negatives = num_negatives(n_items, neg_fraction)
     temperature: float = 1.0  # raw dot products, as in the paper; the output LayerNorm bounds their scale
+    loss: str = "auto"  # one of LOSSES (module docstring)
+    gbce_negatives: int = 256  # uniform negatives per position under "gbce" (the gSASRec paper's setting)
+    gbce_t: float = 0.75  # gSASRec's calibration t (their best on ML-1M)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"SASRec loss must be one of {list(LOSSES)}, got {self.loss!r}")
+
+    @property
+    def effective_loss(self) -> str:
+        """The loss "auto" resolves to for this catalog."""
+        if self.loss != "auto":
+            return self.loss
+        return "full" if self.n_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +127,7 @@ class SASRec(nn.Module):
         return self.encode(hist_items, hist_actions, last_only=True)[:, -1]
 
     def forward(self, seq_items: torch.Tensor, seq_actions: torch.Tensor, seq_targets: torch.Tensor) -> torch.Tensor:
-        """Sampled-softmax next-item loss over every position with a target; returns a scalar.
+        """Next-item loss (`SASRecConfig.loss`) over every position with a target; returns a scalar.
 
         Args:
             seq_items, seq_actions: (B, L) right-aligned inputs.
@@ -113,6 +136,18 @@ class SASRec(nn.Module):
         h = self.encode(seq_items, seq_actions)  # (B, L, D)
         valid = seq_targets > 0
         user, pos_items = h[valid], seq_targets[valid]  # (N, D), (N,)
+        c = self.config
+        loss = c.effective_loss
+        if loss == "full":
+            return full_softmax_loss(user, self.items.summed(torch.arange(c.n_items, device=user.device)), pos_items,
+                                     c.temperature)
+        if loss == "gbce":
+            k = min(c.gbce_negatives, c.n_items - 2)
+            neg_items = torch.randint(1, c.n_items, (len(pos_items), k), device=user.device)  # uniform, per position
+            pos_logits = (user * self.items.summed(pos_items)).sum(-1) / c.temperature
+            neg_logits = torch.einsum("nd,nkd->nk", user, self.items.summed(neg_items)) / c.temperature
+            neg_logits = neg_logits.masked_fill(neg_items == pos_items.unsqueeze(1), float("-inf"))  # accidental hits
+            return gbce_loss(pos_logits, neg_logits, gbce_beta(k, c.n_items - 1, c.gbce_t))
         neg_items, neg_log_q = self.sampler.sample(self.n_negatives)
         return sampled_softmax_loss(user, self.items.summed(pos_items), pos_items, self.items.summed(neg_items),
                                     neg_items, self.config.temperature, self.sampler.log_q(pos_items), neg_log_q)

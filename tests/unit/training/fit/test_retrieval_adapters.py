@@ -13,7 +13,7 @@ from training.metrics import recall_at_k
 from training.data.splits import leave_last_out
 from training.fit.retrieval import InBatchTwoTower, SASRecRetrieval, SeedTwoTowerRetrieval, sasrec_data, tower_data
 from training.fit.train_loop import MIN_BATCH_SIZE, MIN_STEPS_PER_EPOCH, batch_size_for
-from training.fit.retrieval import MultiInterestRetrieval
+from training.fit.retrieval import LightGCNRetrieval, MultiInterestRetrieval, SASRecGBCE, SASRecSampled, graph_edges
 from training.models.multi_interest import MultiInterestConfig, MultiInterestModel
 from training.models.sasrec import SEQUENCE_INPUTS
 from training.data.synthetic import generate_shop
@@ -110,8 +110,10 @@ def test_fit_spec_shrinks_only_a_batch_size_the_caller_did_not_give(task):
 
 
 @pytest.mark.parametrize("adapter", [SeedTwoTowerRetrieval(), SeedTwoTowerRetrieval(user_encoder="attention"),
-                                     InBatchTwoTower(), SASRecRetrieval()],
-                         ids=["seed_transformer", "seed_attention", "in_batch", "sasrec"])
+                                     InBatchTwoTower(), SASRecRetrieval(), SASRecSampled(), SASRecGBCE(),
+                                     LightGCNRetrieval()],
+                         ids=["seed_transformer", "seed_attention", "in_batch", "sasrec", "sasrec_sampled",
+                              "sasrec_gbce", "lightgcn"])
 def test_every_parameter_gets_a_gradient_on_every_batch(task, adapter):
     """DDP (find_unused_parameters=False) fails on the next step when a parameter got no gradient on some rank."""
     data = adapter.training_data(task)
@@ -129,6 +131,21 @@ def test_every_parameter_gets_a_gradient_on_every_batch(task, adapter):
         assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+def test_sasrec_variants_fix_their_loss_and_the_default_takes_the_full_softmax_on_small_catalogs(task):
+    assert SASRecRetrieval().fit_spec(task, TrainConfig()).model_config["loss"] == "auto"
+    assert SASRecSampled().fit_spec(task, TrainConfig()).model_config["loss"] == "sampled"
+    assert SASRecGBCE().fit_spec(task, TrainConfig()).model_config["loss"] == "gbce"
+    assert SASRecGBCE(loss="full").model_config["loss"] == "full"  # a constructor argument still wins
+
+
+def test_graph_edges_are_the_distinct_engaged_pairs_of_the_training_events(task):
+    edges = graph_edges(task)
+    pairs = set(zip(edges["graph_user"].tolist(), edges["graph_item"].tolist()))
+    assert len(pairs) == len(edges["graph_user"]) > 1000 and min(edges["graph_item"]) >= 1
+    data = tower_data(task)  # every first engagement the towers learn from is an edge of the graph
+    assert np.isin(np.unique(data["target"]), edges["graph_item"]).all()
+
+
 def test_unknown_model_config_keys_are_named():
     with pytest.raises(ValueError, match="n_layer"):
         SeedTwoTowerRetrieval(n_layer=2)
@@ -139,8 +156,9 @@ def test_recommend_before_fit_is_an_error(task):
         InBatchTwoTower().recommend(task, 10)
 
 
-@pytest.mark.parametrize("adapter", [SeedTwoTowerRetrieval(batch_size=256), SASRecRetrieval(batch_size=64)],
-                         ids=["seed_two_tower", "sasrec"])
+@pytest.mark.parametrize("adapter", [SeedTwoTowerRetrieval(batch_size=256), SASRecRetrieval(batch_size=64),
+                                     LightGCNRetrieval(batch_size=256)],
+                         ids=["seed_two_tower", "sasrec", "lightgcn"])
 def test_recommend_ranks_the_catalog_exactly_without_seen_items(task, adapter):
     _train_in_process(adapter, task)
     k = 100

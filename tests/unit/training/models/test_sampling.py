@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.models.sampling import LogUniformSampler, num_negatives, sampled_softmax_loss
+from training.models.sampling import (LogUniformSampler, full_softmax_loss, gbce_beta, gbce_loss, num_negatives,
+                                      sampled_softmax_loss)
 
 
 
@@ -160,3 +161,23 @@ def test_log_q_correction_recovers_zipf_preference_with_in_batch_negatives() -> 
     slope_u = np.polyfit(log_p[1:][head].numpy(), uncorrected[head].numpy(), 1)[0]
     assert 0.7 < slope_c < 1.3, slope_c
     assert slope_u < 0.5, slope_u
+
+
+def test_full_softmax_is_the_cross_entropy_over_every_real_item():
+    g = torch.Generator().manual_seed(0)
+    user, items = torch.randn(5, 4, generator=g), torch.randn(9, 4, generator=g)
+    target = torch.tensor([1, 3, 8, 2, 2])
+    want = torch.nn.functional.cross_entropy((user @ items[1:].T) / 0.5, target - 1)
+    torch.testing.assert_close(full_softmax_loss(user, items, target, temperature=0.5), want)
+
+
+def test_gbce_beta_spans_bce_to_calibrated_and_the_loss_is_bce_at_beta_one():
+    assert gbce_beta(256, 10_001, 0.0) == pytest.approx(1.0)
+    assert gbce_beta(256, 10_001, 1.0) == pytest.approx(256 / 10_000)
+    assert 256 / 10_000 < gbce_beta(256, 10_001, 0.75) < 1.0
+    with pytest.raises(ValueError, match="t must be"):
+        gbce_beta(8, 100, 1.5)
+    pos, neg = torch.tensor([0.3, -1.0]), torch.tensor([[0.1, 2.0], [-0.5, 0.0]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    want = (bce(pos, torch.ones(2), reduction="none") + bce(neg, torch.zeros(2, 2), reduction="none").sum(1)).mean()
+    torch.testing.assert_close(gbce_loss(pos, neg, beta=1.0), want)

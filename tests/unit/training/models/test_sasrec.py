@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tests.unit.training.models.model_helpers import fit_full_batch
 from training.data.features import Engagements
-from training.models.sasrec import SASRec, SASRecConfig, SelfAttentionBlock, attention_mask, sequence_windows
+from training.models.sasrec import (FULL_SOFTMAX_MAX_ITEMS, LOSSES, SASRec, SASRecConfig, SelfAttentionBlock,
+                                    attention_mask, sequence_windows)
 
 SIZES = dict(n_items=61, n_brands=5, n_categories=4, n_price_buckets=6, n_actions=6)
 
@@ -101,3 +103,18 @@ def test_sasrec_learns_a_next_item_rule():
             model.item_tower_by_index(torch.arange(61)).T
     top1 = scores[:, 1:].argmax(1) + 1
     assert (top1 == last.squeeze(1) + 1).float().mean() > 0.8
+
+
+def test_every_loss_learns_the_next_item_rule_and_auto_picks_by_catalog_size():
+    seq = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    actions = torch.full_like(seq, 2)
+    targets = torch.tensor([[2, 3, 4, 5], [6, 7, 8, 9]])
+    for loss in LOSSES:
+        model = _model(loss=loss, gbce_negatives=16)
+        first = model(seq, actions, targets).item()
+        assert fit_full_batch(model, (seq, actions, targets), steps=80, lr=0.02) < first, loss
+    assert SASRecConfig(**SIZES, loss="auto").effective_loss == "full"
+    big = dict(SIZES, n_items=FULL_SOFTMAX_MAX_ITEMS + 1)
+    assert SASRecConfig(**big, loss="auto").effective_loss == "sampled"
+    with pytest.raises(ValueError, match="loss must be one of"):
+        SASRecConfig(**SIZES, loss="bpr")
