@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -64,15 +64,20 @@ def bucket_of(user_id: str) -> int:
     return zlib.crc32(user_id.encode()) % BUCKETS
 
 
+def _largest_remainder(exact: Mapping[str, float], total: int) -> dict[str, int]:
+    """Integers summing to `total`, each the floor of its exact share or one more (largest remainders first; ties
+    to the earlier-named version)."""
+    counts = {v: int(x) for v, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda v: (-(exact[v] - counts[v]), v))
+    for v in by_remainder[:total - sum(counts.values())]:
+        counts[v] += 1
+    return counts
+
+
 def bucket_counts(weights: Mapping[str, float]) -> dict[str, int]:
     """Buckets per version, proportional to the weights (largest remainder; ties to the earlier-named version)."""
     total = sum(weights.values())
-    exact = {v: BUCKETS * w / total for v, w in weights.items()}
-    counts = {v: int(x) for v, x in exact.items()}
-    by_remainder = sorted(weights, key=lambda v: (-(exact[v] - counts[v]), v))
-    for v in by_remainder[:BUCKETS - sum(counts.values())]:
-        counts[v] += 1
-    return counts
+    return _largest_remainder({v: BUCKETS * w / total for v, w in weights.items()}, BUCKETS)
 
 
 def assign_buckets(weights: Mapping[str, float], previous: list[str] | None = None) -> list[str]:
@@ -120,9 +125,15 @@ def choose_version(user_id: str, table: list[str]) -> str:
     return table[bucket_of(user_id)]
 
 
-def shifted_weights(weights: Mapping[str, float], green: str, percent: float) -> dict[str, float]:
+def shifted_weights(weights: Mapping[str, float], green: str, percent: float,
+                    table: Sequence[str] | None = None) -> dict[str, float]:
     """`green` at `percent` of the traffic, every other version keeping its share of the rest: a rollout step. The
-    other versions only shrink and green only grows, so `assign_buckets` moves users only from them to green."""
+    other versions only shrink and green only grows, so `assign_buckets` moves users only from them to green.
+
+    With the current bucket `table`, the weights are whole buckets: each other version keeps its share of the buckets
+    it holds now, rounded so it never gains one. (Weights rounded afresh could: a version at 78.5 buckets of a
+    smaller rest may round up from the 78 it held, and take a bucket from another blue version.)
+    """
     if not 0 <= percent <= 100:
         raise ValueError(f"percent: between 0 and 100, got {percent!r}")
     others = {v: w for v, w in weights.items() if v != green}
@@ -131,7 +142,16 @@ def shifted_weights(weights: Mapping[str, float], green: str, percent: float) ->
         raise ValueError(f"no version but {green} takes traffic: it cannot be shifted below 100%")
     out = {v: w * (100.0 - percent) / total for v, w in others.items()} if total > 0 else dict.fromkeys(others, 0.0)
     out[green] = float(percent)
-    return out
+    held = {v: sum(1 for owner in table or () if owner == v) for v in others}
+    if table is None or sum(held.values()) == 0:
+        return out
+    green_n = round(percent * BUCKETS / 100.0)
+    rest = BUCKETS - green_n
+    if rest > sum(held.values()):  # green shrinks: the others grow back, by their weights
+        return out
+    counts = _largest_remainder({v: n * rest / sum(held.values()) for v, n in held.items()}, rest)
+    per_bucket = 100.0 / BUCKETS
+    return {v: n * per_bucket for v, n in counts.items()} | {green: green_n * per_bucket}
 
 
 @dataclass(frozen=True)

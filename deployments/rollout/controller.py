@@ -328,7 +328,7 @@ class RolloutController:
         r.phase = "shifting"
         for percent in to:
             live = await self.live_routing()
-            await self._publish(Routing.make(shifted_weights(live.weights, r.green, percent), live.table,
+            await self._publish(Routing.make(shifted_weights(live.weights, r.green, percent, live.table), live.table,
                                              live.shadow, live.shadow_share))
             step = {"percent": percent, "started_at": time.time(), "ended_at": None, "status": "running"}
             r.steps.append(step)

@@ -25,7 +25,7 @@ def test_a_shift_in_steps_moves_users_only_to_green_and_a_rollback_restores_ever
     assert "green" not in before.table  # live at weight 0: owns no users
     routing = before
     for percent in steps:
-        nxt = Routing.make(shifted_weights(routing.weights, "green", percent), routing.table)
+        nxt = Routing.make(shifted_weights(routing.weights, "green", percent, routing.table), routing.table)
         for a, b in zip(routing.table, nxt.table):
             assert a == b or b == "green"  # a user moves only to the candidate, never between blue versions
         assert abs(nxt.shares()["green"] - percent / 100) <= 1 / BUCKETS + 1e-9
