@@ -168,6 +168,20 @@ def metrics_table(bundles: dict[str, Path]) -> Table:
     return table
 
 
+def exploration_example(recommend, user: str, tries: int = 20) -> tuple[str, int, dict] | None:
+    """(request id, slot, item) of the first of `tries` home-page answers in which exploration placed a new item.
+
+    The home preset explores each of its 2 slots with probability 0.1, and a request id fixes the draw; items count as
+    new against the version's serving clock (`training.request.clock`), so the synthetic shop has new items."""
+    for i in range(tries):
+        rid = f"demo-explore-{i}"
+        items = recommend(user, request_id=rid, context={"page": "home"})["items"]
+        slot = next((j for j, it in enumerate(items) if it["reason"] == "policy:explore"), None)
+        if slot is not None:
+            return rid, slot, items[slot]
+    return None
+
+
 def send_traffic(url: str, cfg: RecsysConfig, shop_dir: Path) -> dict[str, Any]:
     """Real HTTP requests: the weighted split, one answer, cold start, an event changing the next answer, a 422."""
     users = read_shop(shop_dir).users.column("user_id").to_pylist()
@@ -215,6 +229,14 @@ def send_traffic(url: str, cfg: RecsysConfig, shop_dir: Path) -> dict[str, Any]:
     for i, it in enumerate(one["items"]):
         table.add_row(str(i + 1), it["item_id"], f"{it['score']:.3f}", it["brand"], it["category"], it["reason"])
     console.print(table)
+
+    explored = exploration_example(recommend, sample[0])
+    if explored:
+        rid, slot, item = explored
+        console.print(f"[bold]exploration[/] home page, request_id {rid}: slot {slot + 1} holds new item "
+                      f"{item['item_id']} ({item['brand']}, {item['category']}), reason {item['reason']}")
+    else:
+        console.print("[bold]exploration[/] no answer of 20 placed a new item (the home page explores 10% of 2 slots)")
 
     cold = recommend("new-visitor-1")
     console.print(f"[bold]cold start[/] unknown user -> cold_start={cold['cold_start']}, reasons "

@@ -13,6 +13,7 @@ from deployments.retrieval import Retrieval
 from deployments.version import Version
 from deployments.store import EMBEDDED
 from indexing.embed import LAYOUTS
+from training.request.clock import CLOCKS
 
 CHANGES_FILE = "item-changes.jsonl"
 
@@ -56,8 +57,13 @@ class ServingConfig:
     # when it is one, else `item-changes.jsonl` in the folder of the shop's bundles; "off" follows none; or a path
     # or a redis:// URL.
     changes: str = "auto"
+    # What item and action ages are measured against (training.request.clock): "auto" is the data's own time line
+    # for a version trained on a snapshot (the synthetic shop), the wall clock for live data; or "data" / "wall".
+    clock: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.clock not in CLOCKS:
+            raise ValueError(f"serving.clock must be one of {list(CLOCKS)}, got {self.clock!r}")
         if self.index_layout not in LAYOUTS:
             raise ValueError(f"serving.index_layout must be one of {list(LAYOUTS)}, got {self.index_layout!r}")
         if self.store != EMBEDDED and not self.store.startswith(("redis://", "rediss://", "unix://")):
@@ -99,11 +105,11 @@ def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Appl
     opts = {"ray_actor_options": _actor_options(cfg, STAGE_ENV)}
     changes = change_log_spec(cfg, bundle_dir)
     retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(
-        bundle_dir, cfg.threads, cfg.index_layout, cfg.index_memory_mb, changes=changes)
+        bundle_dir, cfg.threads, cfg.index_layout, cfg.index_memory_mb, changes=changes, clock=cfg.clock)
     ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads,
                                                                                   changes=changes)
     return Version.options(ray_actor_options=_actor_options(cfg, STAGE_ENV, 1 / 5)).bind(
-        retrieval, ranking, bundle_dir, version, changes)
+        retrieval, ranking, bundle_dir, version, changes, clock=cfg.clock)
 
 
 def ingress_user_config(versions: dict[str, float], policy: dict[str, Any] | None, cfg: ServingConfig,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ from indexing.embed import get_shards, has_index_manifest, index_layout, load_sh
 from indexing.live import Follower
 from indexing.shards import merge_top_k, pack_allowed
 from training.fit.bundle import load_bundle
+from training.request.clock import version_clock
 from training.request.contracts import Candidates, RetrievalRequest
 from training.request.retrieval import RetrievalCore
 
@@ -36,17 +36,19 @@ class Retrieval:
     """User queries at request time, fan-out to every index shard of the version, one merge to the candidates."""
 
     def __init__(self, bundle_dir: str, threads: int = 1, layout: str = "auto", memory_mb: float = 1024.0,
-                 shards: Sequence[Any] | None = None, changes: str = "") -> None:
+                 shards: Sequence[Any] | None = None, changes: str = "", clock: str = "auto") -> None:
         """Args:
             layout, memory_mb: where the index is searched (`indexing.embed.index_layout`): in this replica's own
                 memory when the whole index fits `memory_mb` (one hop fewer per request), else on the shard actors.
             shards: the shards as `search`/`stats` coroutines, overriding the layout (Serve's local testing mode).
             changes: the catalog's change log (`indexing.changes.open_change_log`) this replica follows into its
                 forward index and the index shards; "" follows none.
+            clock: `ServingConfig.clock`: the time line action ages are measured on (`training.request.clock`).
         """
         torch.set_num_threads(threads)  # [1] replicas share cores: one intra-op thread each, scale out by replicas
         bundle = load_bundle(bundle_dir)
         self.version = bundle.version
+        self.clock = version_clock(bundle.manifest, clock)
         self.core = RetrievalCore.from_bundle(bundle)  # [2] the algorithm is chosen here, once per bundle
         self.layout = "given"
         manifest = read_index_manifest(bundle_dir) if shards is None or has_index_manifest(bundle_dir) else None
@@ -136,7 +138,8 @@ class Retrieval:
 
     async def retrieve(self, req: RetrievalRequest) -> Candidates:
         self._ensure_background()
-        features = self.core.encode(req, time.time())
+        now = self.clock.now()
+        features = self.core.encode(req, now)
         allowed = self.core.allowed(req)
         hits, misses = self.core.cache.hits, self.core.cache.misses
         q = self.core.queries(features)
@@ -144,15 +147,15 @@ class Retrieval:
             self.cache_lookups.inc(1, {"model_version": self.version,
                                        "result": "hit" if self.core.cache.hits > hits else "miss"})
         if q is None:
-            return self._stamped(self.core.cold_start(features, req.k, allowed))
+            return self._stamped(self.core.cold_start(features, req.k, allowed), now=now)
         D, I, partial = await self.search(q.xq, req.k, allowed)
         found = self.core.merge(features, q, D, I, req.k)
-        return self._stamped(found, partial)
+        return self._stamped(found, partial, now)
 
-    def _stamped(self, found: Candidates, partial: bool = False) -> Candidates:
-        """The answer marked with the versions of the tower and the index that produced it."""
+    def _stamped(self, found: Candidates, partial: bool = False, now: float = 0.0) -> Candidates:
+        """The answer marked with the versions of the tower and the index that produced it, and the clock's now."""
         return dataclasses.replace(found, partial=partial or found.partial, version=self.version,
-                                   index_version=self.index_version)
+                                   index_version=self.index_version, now=now)
 
     async def check_health(self) -> None:
         """Serve replaces a replica whose index is unusable: in process, shards that lost vectors; sharded, no shard

@@ -3,6 +3,8 @@ stages. It is off the request path: the HTTP ingress reaches the version's `Retr
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -10,6 +12,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.backpressure import SHED
 from indexing.embed import read_index_manifest
+from training.fit.bundle import MANIFEST
+from training.request.clock import version_clock
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.02}, max_ongoing_requests=8, max_queued_requests=16,
@@ -18,10 +22,16 @@ class Version:
     """What `/versions` and `/healthz` ask of a version; binds its stages into one application."""
 
     def __init__(self, retrieval: DeploymentHandle, ranking: DeploymentHandle, bundle_dir: str, version: str,
-                 changes: str = "") -> None:
-        """`changes`: the catalog change log the version's stages follow (where `POST /admin/items` writes)."""
+                 changes: str = "", clock: str = "auto") -> None:
+        """`changes`: the catalog change log the version's stages follow (where `POST /admin/items` writes).
+        `clock`: `ServingConfig.clock`, resolved against the bundle (`training.request.clock`)."""
         self.retrieval, self.ranking, self.bundle_dir, self.version = retrieval, ranking, bundle_dir, version
         self.changes = changes
+        self._clock = version_clock(json.loads((Path(bundle_dir) / MANIFEST).read_text()), clock)
+
+    async def clock(self) -> dict[str, Any]:
+        """The version's serving clock (`ServingClock.to_dict`): the ingress stamps events and new items with it."""
+        return self._clock.to_dict()
 
     async def info(self) -> dict[str, Any]:
         manifest = read_index_manifest(self.bundle_dir)

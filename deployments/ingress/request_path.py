@@ -140,7 +140,7 @@ async def answer(user_id: str, context: dict, k: int, stages: VersionStages, sto
     rank_request = RankRequest(found, max(RANKED_PER_K * k, MIN_RANKED), tuple(policy.sponsored_items))
     ranked = await _call("ranking", lambda: stages.ranking.rank.remote(rank_request), timeout_s)
     t3 = time.perf_counter()
-    now = time.time()
+    now = found.now or time.time()  # retrieval's clock: the time line the version's data lives on
     rng = request_rng(request_id) if policy.explore_epsilon > 0 else None
     final = apply_policy(ranked, UserState(state["bought_at"], now), policy, rng)
     timings = {"features": (t1 - t0) * 1000.0, "retrieval": (t2 - t1) * 1000.0, "ranking": (t3 - t2) * 1000.0,

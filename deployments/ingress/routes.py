@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -42,8 +43,10 @@ from indexing.changes import ChangeLog, open_change_log
 from training import NAMESPACE
 from training.metrics import overlap_at_k, rank_correlation
 from deployments.store import EMBEDDED, StoreClient, open_store
+from training.request.clock import WALL, ServingClock
 from training.request.policy_config import PolicyConfig
 
+logger = logging.getLogger("ray.serve")
 app = FastAPI(title="recsys", description="Multi-stage recommendations: retrieval, ranking, policy.")
 app.add_middleware(BodyLimit)
 
@@ -117,6 +120,7 @@ class Ingress:
                                        max_limit=INGRESS_MAX_ONGOING)
         self._store_stats: dict[str, Any] | None = None  # the store's first stats answer (its backend, durability)
         self._change_logs: dict[str, ChangeLog] = {}  # the catalog change logs POST /admin/items writes to
+        self._clocks: dict[str, ServingClock] = {}  # per version, asked of its Version deployment once
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """{"versions": {"v1": 90, "v2": 10}, "policy": {...}, "admin_token_sha256": "...", "candidates": 500}; a
@@ -342,7 +346,7 @@ class Ingress:
         specs = sorted({s for s in specs if s})
         if not specs:
             raise HTTPException(409, "no live version follows a change log (serving.changes is off)")
-        now = time.time()  # one creation time for every log
+        now = (await self._clock()).now()  # one creation time for every log, on the serving clock
         changes = [dataclasses.replace(c, created_at=now) if c.op == "upsert" and c.created_at is None else c
                    for c in (m.to_change() for m in req.changes)]
         try:
@@ -351,6 +355,23 @@ class Ingress:
             raise HTTPException(503, f"change log unavailable, changes not written: {e}",
                                 headers={"Retry-After": "1"}) from e
         return ItemsResponse(offset=offsets[-1], accepted=len(changes), logs=len(specs))
+
+    async def _clock(self) -> ServingClock:
+        """The serving clock of the version with the largest share of traffic (`training.request.clock`), asked of
+        its Version deployment once and kept; the wall clock while it cannot be asked."""
+        live = self.routing.live
+        weights = live.routing.weights
+        if not weights:
+            return WALL
+        main = max(sorted(weights), key=lambda v: weights[v])
+        if main not in self._clocks:
+            try:
+                self._clocks[main] = ServingClock.from_dict(
+                    await asyncio.wait_for(live.stages[main].version.clock.remote(), self.stage_timeout_s))
+            except Exception as e:  # noqa: BLE001 - asked again on the next call
+                logger.warning(f"serving clock of {main} unavailable, using the wall clock: {type(e).__name__}: {e}")
+                return WALL
+        return self._clocks[main]
 
     def _change_log(self, spec: str) -> ChangeLog:
         if spec not in self._change_logs:
@@ -363,7 +384,7 @@ class Ingress:
         """Stores the events (views too, with position and context) and answers once the store acknowledged them;
         `durable` says whether they survive a restart (Redis) or not (the embedded store)."""
         check_api_key(x_api_key, self.api_keys)
-        now = time.time()
+        now = (await self._clock()).now()  # events without a timestamp happen now on the serving clock
         rows = [{"user_id": e.user_id, "item_id": e.item_id, "action": e.action,
                  "ts": (e.timestamp.replace(tzinfo=e.timestamp.tzinfo or timezone.utc).timestamp()
                         if e.timestamp else now), "position": e.position,

@@ -123,7 +123,7 @@ def test_admin_change_reaches_every_replica_at_once_with_no_failed_request(admin
 
 def test_exploration_is_reproducible_for_a_request_id(admin_stack):
     user = engaged_users(admin_stack, 1)[0]
-    # Every item counts as new (10 years) so exploration always has a pool, whatever today's date.
+    # Every item counts as new (10 years), so that other request ids draw other items from a large pool.
     body = {"user_id": user, "k": 12, "request_id": "req-42",
             "policy": {"explore_epsilon": 1.0, "explore_slots": [2, 5], "new_item_days": 3650}}
     assert post(admin_stack, "/recommend", body).status_code == 403  # exploration is an operator's setting
@@ -134,6 +134,25 @@ def test_exploration_is_reproducible_for_a_request_id(admin_stack):
     others = {tuple(i["item_id"] for i in post(admin_stack, "/recommend", {**body, "request_id": f"r{s}"}, AUTH).json()
                     ["items"]) for s in range(6)}
     assert len(others) > 1
+
+
+def test_exploration_places_new_items_of_the_data_clock_with_the_default_window(admin_stack):
+    """The default new_item_days (7): items are new against the version's serving clock, which runs on the
+    synthetic shop's time line (training/request/clock.py), not against today's date, when none would be."""
+    from training.data.schemas import read_shop
+    from training.request.clock import parse_iso
+
+    shop = read_shop(admin_stack["shop"])
+    end_s = parse_iso(shop.meta["end_time"])
+    created = dict(zip(shop.catalog.column("item_id").to_pylist(),
+                       shop.catalog.column("created_at").cast("int64").to_numpy() / 1000.0))
+    body = {"k": 12, "policy": {"explore_epsilon": 1.0, "explore_slots": [2, 5]}}
+    explored = [item for u in engaged_users(admin_stack, 4)
+                for item in post(admin_stack, "/recommend", {**body, "user_id": u}, AUTH).json()["items"]
+                if item["reason"] == "policy:explore"]
+    assert explored  # the pool is the ranked list's new items: the tiny shop has one or two per list
+    for item in explored:  # created in the shop's last week
+        assert created[item["item_id"]] >= end_s - 7 * 86_400
 
 
 def test_served_answers_are_exported_as_prometheus_metrics(admin_stack):

@@ -130,7 +130,8 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
                "training": {"retrieval": tower_info["history"], "ranker": ranker_hist,
                             "retrieval_validation": tower_info.get("validation")},
                "ranker_shared_from": str(ranker_from) if shared is not None else None,
-               "train_seconds": time.perf_counter() - t_start}
+               "train_seconds": time.perf_counter() - t_start,
+               "data_end_time": shop.meta.get("end_time")}  # serving's clock (training.request.clock)
     conditions = getattr(retriever, "conditions", None)  # the multi-interest model's explicit-condition settings
     serving = {"model": cfg.retrieval_model, "conditions": conditions.to_dict() if conditions else {}}
     path = write_bundle(bundles_dir, version, space, items_table(shop.catalog, space, task.popularity), tower, ranker,

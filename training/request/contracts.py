@@ -49,6 +49,7 @@ class Candidates:
     partial: bool = False  # an index shard did not answer: the candidates come from the others
     version: str = ""  # the bundle version whose user tower retrieved them ("" outside serving)
     index_version: str = ""  # the version whose index they were searched in
+    now: float = 0.0  # the serving clock's instant the request was encoded at (training.request.clock); 0 = unset
 
     def __post_init__(self) -> None:
         if not (len(self.item_idx) == len(self.scores) == len(self.reasons)):
