@@ -49,3 +49,27 @@ def test_a_second_fit_of_the_same_run_resumes_after_the_last_checkpoint(ray_clus
     assert state.keys() == full_state.keys()
     for name in full_state:
         torch.testing.assert_close(state[name], full_state[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_validated_fit_stops_early_and_keeps_its_best_epoch(ray_cluster, tmp_path):
+    """A budget far above convergence: training stops `patience` epochs after its best validation score, and the
+    model it returns scores that best epoch's figure on the validation users again."""
+    from training.data.splits import leave_last_out
+    from training.data.synthetic import generate_shop
+    from training.fit.retrieval import InBatchTwoTower
+    from training.fit.train_loop import TrainConfig
+    from training.fit.validation import VAL_METRIC, ranking_validation, validation_arrays, validation_task
+
+    task = leave_last_out(generate_shop("tiny", 0), max_users=100, dataset="synthetic-tiny")
+    cfg = TrainConfig(num_workers=2, cpus_per_worker=0.25, dim=16, progress=False, patience=2, val_users=300,
+                      storage_path=str(tmp_path / "runs"))
+    adapter = InBatchTwoTower(epochs=60, lr=0.02)
+    info = adapter.fit(task, cfg)
+    v = info["validation"]
+    assert v["stopped"] == "early" and v["warning"] is None
+    assert v["epochs_run"] == v["best_epoch"] + 2 < 60  # patience 2: two epochs without a better score
+    assert [int(h["epoch"]) for h in info["history"]] == list(range(1, v["epochs_run"] + 1))
+    kept = next(h[VAL_METRIC] for h in info["history"] if h["epoch"] == v["best_epoch"])
+    assert v[VAL_METRIC] == kept >= max(h[VAL_METRIC] for h in info["history"]) - 1e-4  # EarlyStopping.min_delta
+    val = validation_task(task, cfg.val_users, cfg.seed, cfg.test_fraction)
+    assert ranking_validation(adapter.model, validation_arrays(val))[VAL_METRIC] == pytest.approx(kept, abs=1e-6)
