@@ -8,7 +8,7 @@
                                                           "diversity": {...}, "coverage": {...}, "sampled": {...},
                                                           "training": {...}, "recommend_seconds": float,
                                                           "by_history_length": {"<bucket>": {...}}, ...}},
-                                   "multi_interest_gain": {"<n interests>": {...}} (synthetic only),
+                                   "multi_interest_gain": {"basis": str, "groups": {"<n>": {...}}},
                                    "sections": [{"name", "results", "markdown", "figures"}]}}}
 """
 from __future__ import annotations
@@ -59,6 +59,20 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def preprocessing_lines(prep: dict | None) -> list[str]:
+    """What `training.data.preprocess` did to the data set before the sizes above."""
+    if not prep:
+        return []
+    r, b, a = prep["recipe"], prep["before"], prep["after"]
+    core = (f"{r['min_user_engagements']}-core users, {r['min_item_engagements']}-core items "
+            f"({prep['k_core_rounds']} rounds)" if max(r["min_user_engagements"], r["min_item_engagements"]) > 1
+            else "no k-core")
+    return [f"Preprocessing: {'duplicate rows removed' if r['dedup'] else 'no dedup'} "
+            f"({prep['duplicates_removed']:,}); {core}; engagements: {prep['implicit']}. Loaded "
+            f"{b['events']:,} events, {b['users']:,} users, {b['items']:,} items; kept {a['events']:,}, "
+            f"{a['users']:,}, {a['items']:,}.", ""]
 
 
 def main_table(models: dict) -> str:
@@ -122,9 +136,9 @@ def history_table(models: dict) -> str:
 
 
 def gain_table(gain: dict) -> str:
-    header = ["true interests", "users", "multi_interest R@500", "two_tower R@500", "gain", "interests used"]
+    header = [gain["basis"], "users", "multi_interest R@500", "two_tower R@500", "gain", "interests used"]
     return _table(header, [[n, g["users"], g["multi_interest"], g["two_tower"], g["gain"], g.get("interests_used")]
-                           for n, g in gain.items()])
+                           for n, g in gain["groups"].items()])
 
 
 def plot_recall_curves(models: dict, path: Path, title: str) -> None:
@@ -157,14 +171,16 @@ def plot_by_history(models: dict, path: Path, title: str, metric: str = "recall@
 
 
 def plot_gain(gain: dict, path: Path, title: str) -> None:
-    """Recall@500 of multi_interest minus two_tower per number of true interests, with the user count on each bar."""
+    """Recall@500 of multi_interest minus two_tower per group of users (true interests, or history diversity on
+    real data), with the user count on each bar."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = list(gain)
-    values = [gain[n]["gain"] or 0.0 for n in labels]
+    groups = gain["groups"]
+    labels = list(groups)
+    values = [groups[n]["gain"] or 0.0 for n in labels]
     bars = ax.bar(labels, values, color=["tab:green" if v >= 0 else "tab:red" for v in values])
-    ax.bar_label(bars, labels=[f"n={gain[n]['users']}" for n in labels])
+    ax.bar_label(bars, labels=[f"n={groups[n]['users']}" for n in labels])
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set(xlabel="true interests of the user", ylabel="Recall@500 gain (multi_interest - two_tower)", title=title)
+    ax.set(xlabel=gain["basis"], ylabel="Recall@500 gain (multi_interest - two_tower)", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -237,7 +253,9 @@ def _protocol_markdown(name: str, p: dict, out_dir: Path) -> tuple[list[str], li
         fig_name = f"multi_interest_gain_{name}.png"
         plot_gain(p["multi_interest_gain"], out_dir / fig_name, f"Multi-interest gain ({name})")
         figures.append(fig_name)
-        lines += ["### Multi-interest gain by number of true interests (synthetic ground truth)", "",
+        basis = p["multi_interest_gain"]["basis"]
+        lines += [f"### Multi-interest gain by {basis}" + (" (synthetic ground truth)" if basis == "true interests"
+                                                          else " (the observable proxy on real data)"), "",
                   gain_table(p["multi_interest_gain"]), "", f"![multi-interest gain]({fig_name})", ""]
     lines += ["### Sampled protocol (ONLY for comparison with papers)", "",
               "Each target ranked among 100 sampled negatives the user has not seen; `popularity` draws negatives in "
@@ -267,7 +285,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     lines = [f"# Retrieval evaluation: {ds.get('name', '')}", "",
              _table(["format", "items", "users", "events", "engagements"],
                     [[ds.get("format"), ds.get("items"), ds.get("users"), ds.get("events"), ds.get("engagements")]]),
-             ""]
+             ""] + preprocessing_lines(ds.get("preprocessing"))
     figures: list[str] = []
     for name, p in results["protocols"].items():
         proto_lines, proto_figures = _protocol_markdown(name, p, out_dir)

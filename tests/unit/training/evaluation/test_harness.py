@@ -40,6 +40,9 @@ def test_run_eval_with_baselines_writes_the_full_report(shop_dir: Path, tmp_path
     assert written["protocols"]["temporal"]["models"]["item_knn"]["full"]["users"] > 0
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "recall_at_k_temporal.png").is_file()
     assert "temporal: ease NDCG@10" in (tmp_path / "log.txt").read_text()  # progress names model and protocol
+    prep = written["dataset"]["preprocessing"]  # the recipe is stated, and the sizes are the kept data's
+    assert prep["recipe"]["dedup"] is False and prep["after"]["events"] == written["dataset"]["events"]
+    assert "Preprocessing: no dedup" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_unknown_model_is_an_error_naming_it() -> None:
@@ -59,9 +62,10 @@ def test_eval_command_parses_the_cli_arguments(shop_dir: Path, tmp_path: Path) -
     add_eval_arguments(parser)
     args = parser.parse_args(["--data", str(shop_dir), "--format", "synthetic", "--out", str(tmp_path / "r"),
                               "--models", "popularity", "--protocols", "temporal", "--max-users", "30",
-                              "--no-sections"])
+                              "--no-sections", "--k-core", "3"])
     results = eval_command(args, TrainConfig())
     assert list(results["protocols"]) == ["temporal"] and results["config"]["max_users"] == 30
+    assert results["dataset"]["preprocessing"]["recipe"]["min_item_engagements"] == 3
     bad = parser.parse_args(["--data", str(shop_dir), "--format", "synthetic", "--out", str(tmp_path),
                              "--protocols", "random_split"])
     with pytest.raises(ValueError, match="random_split"):
@@ -114,7 +118,28 @@ def test_multi_interest_gain_groups_users_by_true_interest_count() -> None:
                                    "interests": np.array([1, 3, 2, 1, 2])},
                 "two_tower": {"recall@500": np.array([1.0, 0.0, 0.5, 1.0, 0.5])}}
     gain = multi_interest_gain(Task(), per_user)
+    assert gain["basis"] == "true interests"
+    gain = gain["groups"]
     assert list(gain) == ["1", "2", "3", "4", "3+"]
     assert gain["1"]["gain"] == pytest.approx(-0.5) and gain["1"]["users"] == 2
     assert gain["3+"]["gain"] == pytest.approx(0.75) and gain["3+"]["interests_used"] == pytest.approx(2.5)
     assert multi_interest_gain(Task(), {"two_tower": per_user["two_tower"]}) == {}
+
+
+def test_without_ground_truth_the_gain_groups_users_by_history_diversity() -> None:
+    import numpy as np
+
+    from training.data.features import ItemFeatures
+    from training.evaluation.harness import multi_interest_gain
+
+    class Task:  # items 1-2 in category 1, 3 in 2, 4 in 3
+        hidden = {}
+        item_features = ItemFeatures(*(np.array(a) for a in ([0, 1, 2, 3, 4], [0] * 5, [0, 1, 1, 2, 3], [0] * 5)))
+        seen = [np.array([1, 2]), np.array([1, 3]), np.array([1, 3, 4]), np.array([2, 3, 4])]
+
+    per_user = {"multi_interest": {"recall@500": np.array([0.0, 1.0, 1.0, 0.5])},
+                "two_tower": {"recall@500": np.array([1.0, 1.0, 0.0, 0.5])}}
+    gain = multi_interest_gain(Task(), per_user)
+    assert gain["basis"] == "distinct categories in the history"
+    assert {k: g["users"] for k, g in gain["groups"].items()} == {"1": 1, "2": 1, "3+": 2}
+    assert gain["groups"]["3+"]["gain"] == pytest.approx(0.5)

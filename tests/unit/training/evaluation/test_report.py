@@ -21,8 +21,9 @@ def _model(scale: float) -> dict:
 
 
 def _results() -> dict:
-    gain = {"1": {"users": 5, "multi_interest": 0.5, "two_tower": 0.6, "gain": -0.1},
-            "3": {"users": 7, "multi_interest": 0.7, "two_tower": 0.5, "gain": 0.2}}
+    gain = {"basis": "true interests",
+            "groups": {"1": {"users": 5, "multi_interest": 0.5, "two_tower": 0.6, "gain": -0.1},
+                       "3": {"users": 7, "multi_interest": 0.7, "two_tower": 0.5, "gain": 0.2}}}
     task = {"evaluated_users": 40, "targets": 40, "train_events": 1000, "train_engagements": 300, "items": 200}
     return {"dataset": {"name": "toy", "format": "synthetic", "items": 200, "users": 50, "events": 1200,
                         "engagements": 340},
