@@ -9,6 +9,7 @@ policy sections, and writes the report (`training.evaluation.report`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -187,9 +188,25 @@ def _fit_and_evaluate(name: str, task: RetrievalTask, cfg: TrainConfig, trials: 
     return result | {"training": training, "recommend_seconds": seconds} | extras, per_user, ranked
 
 
+SEED_METRICS = ("ndcg@10", "recall@100", "recall@500")  # the figures stated with their spread over seeds
+
+
+def seed_spread(runs: list[dict], seeds: list[int]) -> dict:
+    """Per-seed values, mean and sample standard deviation of `SEED_METRICS` and of the training time."""
+    values = {m: [float(r["full"][m]) for r in runs] for m in SEED_METRICS}
+    values["train_seconds"] = [float(r["training"].get("seconds") or 0.0) for r in runs]
+    ddof = 1 if len(runs) > 1 else 0
+    return {"seeds": list(seeds), "values": values, "mean": {m: float(np.mean(v)) for m, v in values.items()},
+            "std": {m: float(np.std(v, ddof=ddof)) for m, v in values.items()}}
+
+
 def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, out: Path, console: Console,
-                 t_start: float, with_sections: bool) -> dict:
+                 t_start: float, with_sections: bool, seeds: tuple[int, ...] | None = None) -> dict:
     """Fits and evaluates every model on one task; the results entry of this protocol.
+
+    With several `seeds`, every model that is not `deterministic` (the neural ones) is fitted once per
+    seed (initialisation, batch order, negatives, validation sample; the evaluated users stay the same) and its entry
+    gains "seeds" (`seed_spread`); its other figures are the first seed's. Deterministic baselines run once.
 
     A model whose training or ranking raises is recorded under "failed" with its error and the others go on, so one
     broken model does not throw away the hours the others took; `run_eval` raises once the report is written.
@@ -199,9 +216,14 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
 
     models, per_user, ranked_by, failed = {}, {}, {}, {}
     trials = {s: sample_trials(task, 100, s, cfg.seed) for s in SAMPLERS}  # the same negatives for every model
+    seeds = tuple(seeds or (cfg.seed,))
     for name in model_names:
         try:
-            models[name], per_user[name], ranked_by[name] = _fit_and_evaluate(name, task, cfg, trials, log)
+            random = not getattr(load_model(name), "deterministic", False)
+            runs = [_fit_and_evaluate(name, task, dataclasses.replace(cfg, seed=s), trials, log)
+                    for s in (seeds if random else seeds[:1])]
+            models[name], per_user[name], ranked_by[name] = runs[0]
+            models[name]["seeds"] = seed_spread([r[0] for r in runs], list(seeds if random else seeds[:1]))
         except Exception as exc:  # noqa: BLE001 - recorded in the report and re-raised by run_eval at the end
             failed[name] = f"{type(exc).__name__}: {exc}"[:2000]
             log(f"{task.protocol}: {name} FAILED: {failed[name][:300]}", style="bold red")
@@ -216,7 +238,8 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
 
 def run_eval(data: str | Path, fmt: str, out: str | Path, models: list[str] | None = None,
              protocols: tuple[str, ...] = PROTOCOLS, cfg: TrainConfig = TrainConfig(), max_users: int | None = None,
-             console: Console | None = None, sections: bool = True, k_core: int | None = None) -> dict:
+             console: Console | None = None, sections: bool = True, k_core: int | None = None,
+             seeds: tuple[int, ...] | None = None) -> dict:
     """Loads a data set, evaluates every model under every protocol, and writes results.json and report.md.
 
     Args:
@@ -230,6 +253,7 @@ def run_eval(data: str | Path, fmt: str, out: str | Path, models: list[str] | No
         sections: add the ranking and policy sections (on the first protocol's task); the ranking section trains
             models of its own.
         k_core: override the format's k-core (`training.data.preprocess`; 1 turns it off).
+        seeds: train every neural model once per seed and report the spread (`run_protocol`); default cfg.seed.
 
     Returns:
         The results dict that was written to results.json.
@@ -250,6 +274,7 @@ def run_eval(data: str | Path, fmt: str, out: str | Path, models: list[str] | No
                                                                pa.array(list(ENGAGEMENTS)))).as_py() or 0),
                            "preprocessing": prep},
                "config": {"train": cfg.to_dict(), "models": names, "protocols": list(protocols),
+                          "seeds": list(seeds or (cfg.seed,)),
                           "max_users": max_users, "k": K},
                "protocols": {}}
     started_ray = _start_ray_if_needed(instances, sections)
@@ -259,7 +284,7 @@ def run_eval(data: str | Path, fmt: str, out: str | Path, models: list[str] | No
             console.log(f"[{time.perf_counter() - t_start:,.0f}s] {protocol}: {len(task.user_ids):,} users, "
                         f"{task.train_events.num_rows:,} training events")
             results["protocols"][protocol] = run_protocol(task, names, cfg, out, console, t_start,
-                                                          with_sections=sections and i == 0)
+                                                          with_sections=sections and i == 0, seeds=seeds)
     finally:
         if started_ray:
             import ray
@@ -285,6 +310,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset of the protocols")
     parser.add_argument("--max-users", type=int, default=None, help="evaluated users per protocol (default: all)")
     parser.add_argument("--config", default=None, help="YAML config path or built-in name (tiny, demo)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: every neural model trains once per seed and the report gives "
+                             "mean and spread (default: the config's seed)")
     parser.add_argument("--k-core", type=int, default=None,
                         help="keep users and items with at least this many engagements (default: the format's, "
                              "5 on MovieLens, Taobao and RetailRocket; 1 turns it off)")
@@ -309,5 +337,9 @@ def eval_command(args: argparse.Namespace, cfg: TrainConfig | None = None) -> di
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"--protocols: unknown {unknown}; known: {list(PROTOCOLS)}")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip()) if args.seeds else None
+    except ValueError:
+        raise ValueError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
     return run_eval(args.data, args.fmt, args.out, models, protocols, cfg, args.max_users, sections=args.sections,
-                    k_core=args.k_core)
+                    k_core=args.k_core, seeds=seeds)

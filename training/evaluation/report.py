@@ -117,6 +117,20 @@ def plot_validation_curves(models: dict, path: Path, title: str) -> bool:
     return True
 
 
+def seeds_table(models: dict) -> str:
+    """Mean ± sample standard deviation over seeds of the main figures and the training time, per model."""
+    rows = []
+    for name, m in models.items():
+        s = m.get("seeds")
+        if not s:
+            continue
+        cell = lambda k: f"{s['mean'][k]:.4f} ± {s['std'][k]:.4f}" if len(s["seeds"]) > 1 else _fmt(s["mean"][k])
+        rows.append([name, len(s["seeds"]), cell("ndcg@10"), cell("recall@100"), cell("recall@500"),
+                     f"{s['mean']['train_seconds']:,.1f} ± {s['std']['train_seconds']:,.1f}"
+                     if len(s["seeds"]) > 1 else _fmt(s["mean"]["train_seconds"])])
+    return _table(["model", "seeds", "NDCG@10", "R@100", "R@500", "train s"], rows) if rows else ""
+
+
 def sampled_table(models: dict) -> str:
     header = ["model", "sampler", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "trials"]
     rows = [[name, sampler, s["hr@1"], s["hr@5"], s["hr@10"], s["ndcg@5"], s["ndcg@10"], s["trials"]]
@@ -235,6 +249,10 @@ def _protocol_markdown(name: str, p: dict, out_dir: Path) -> tuple[list[str], li
         figures.append(fig_name)
         lines += [f"![{caption}]({fig_name})", ""]
     lines += ["### By user history length", "", history_table(models), ""]
+    if any(len((m.get("seeds") or {}).get("seeds", [])) > 1 for m in models.values()):
+        lines += ["### Spread over seeds", "", "Mean ± sample standard deviation; neural models train once per seed "
+                  "(initialisation, batch order, negatives, validation users) on the same split and users, the "
+                  "deterministic baselines once. The other tables show the first seed.", "", seeds_table(models), ""]
     table = training_table(models)
     if table:
         lines += ["### Training against the validation split", "",

@@ -95,6 +95,7 @@ class Popularity:
 
     name = "popularity"
     needs_ray = False
+    deterministic = True  # the same fit for every seed: `recsys eval --seeds` fits it once
 
     def __init__(self) -> None:
         self.counts: np.ndarray | None = None
@@ -122,6 +123,7 @@ class ItemKNN:
 
     name = "item_knn"
     needs_ray = False
+    deterministic = True  # the same fit for every seed: `recsys eval --seeds` fits it once
 
     def __init__(self) -> None:
         self.X: torch.Tensor | None = None
@@ -160,6 +162,7 @@ class EASE:
 
     name = "ease"
     needs_ray = False
+    deterministic = True  # the same fit for every seed: `recsys eval --seeds` fits it once
 
     def __init__(self, l2: float = EASEConfig.l2, top_n: int = EASEConfig.top_n) -> None:
         if l2 <= 0:

@@ -143,3 +143,36 @@ def test_without_ground_truth_the_gain_groups_users_by_history_diversity() -> No
     assert gain["basis"] == "distinct categories in the history"
     assert {k: g["users"] for k, g in gain["groups"].items()} == {"1": 1, "2": 1, "3+": 2}
     assert gain["groups"]["3+"]["gain"] == pytest.approx(0.5)
+
+
+class _SeededPopularity:
+    """Popularity plus seeded noise: a model whose figures depend on the seed, without Ray."""
+
+    name = "seeded"
+    needs_ray = False
+
+    def fit(self, task, cfg) -> dict:
+        import numpy as np
+
+        self.scores = task.popularity + np.random.default_rng(cfg.seed).random(len(task.popularity)) * 50
+        return {"seconds": 0.01 * (cfg.seed + 1)}
+
+    def recommend(self, task, k):
+        from training.metrics import top_k_excluding
+        import numpy as np
+
+        return np.maximum(top_k_excluding(np.tile(self.scores, (len(task.user_ids), 1)), k, task.seen), 0)
+
+
+def test_seeds_refit_random_models_and_report_their_spread(monkeypatch, shop_dir: Path, tmp_path: Path) -> None:
+    monkeypatch.setitem(harness.REGISTRY, "seeded", f"{__name__}:_SeededPopularity")
+    results = run_eval(shop_dir, "synthetic", tmp_path, ["ease", "seeded"], protocols=("leave_last_out",),
+                       max_users=100, sections=False, seeds=(0, 1, 2))
+    models = results["protocols"]["leave_last_out"]["models"]
+    seeded, ease = models["seeded"]["seeds"], models["ease"]["seeds"]
+    assert seeded["seeds"] == [0, 1, 2] and len(set(seeded["values"]["ndcg@10"])) > 1
+    assert seeded["values"]["train_seconds"] == [0.01, 0.02, 0.03] and seeded["std"]["ndcg@10"] > 0
+    assert seeded["mean"]["ndcg@10"] == pytest.approx(sum(seeded["values"]["ndcg@10"]) / 3)
+    assert ease["seeds"] == [0] and ease["std"]["ndcg@10"] == 0  # deterministic: fitted once
+    assert models["seeded"]["full"]["ndcg@10"] == seeded["values"]["ndcg@10"][0]
+    assert "### Spread over seeds" in (tmp_path / "report.md").read_text()
