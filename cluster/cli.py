@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="write a synthetic shop (catalog, users, events) as Parquet")
-    g.add_argument("--size", default="tiny", help="tiny | demo | large")
+    g.add_argument("--size", default="tiny", help="tiny | small | demo | large")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, required=True)
     g.set_defaults(func=_generate)

@@ -19,7 +19,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class DataConfig:
-    size: str = "demo"  # synthetic shop size: tiny | demo | large
+    size: str = "demo"  # synthetic shop size: tiny | small | demo | large
     seed: int = 0
     dir: str = "data/shop"
 

@@ -58,7 +58,7 @@ def test_tiny_has_the_configured_counts(shop) -> None:
 
 
 def test_sizes_are_named_and_ordered() -> None:
-    assert set(SIZES) == {"tiny", "demo", "large"}
+    assert set(SIZES) == {"tiny", "small", "demo", "large"}
     assert SIZES["tiny"].n_items < SIZES["demo"].n_items < SIZES["large"].n_items == 1_000_000
 
 
