@@ -78,9 +78,14 @@ class RankedList:
     created_at: np.ndarray | None = None  # (n,) float64 unix seconds; None: no item counts as new
     in_stock: np.ndarray | None = None  # (n,) bool; None: every item is in stock
     version: str = ""  # the bundle version whose ranker ordered them ("" outside serving)
+    # (n,) the probability that the policy placed each item at its position (exploration is the only random
+    # rule: `training.request.policy.apply_policy`); None before the policy ran
+    propensity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        if self.propensity is not None:
+            self.propensity = np.asarray(self.propensity, dtype=np.float64).reshape(-1)
         if self.created_at is not None:
             self.created_at = np.asarray(self.created_at, dtype=np.float64).reshape(-1)
         if self.in_stock is not None:
@@ -88,7 +93,8 @@ class RankedList:
         n = len(self.item_ids)
         lengths = {"scores": len(self.scores), "brands": len(self.brands), "categories": len(self.categories),
                    "reasons": len(self.reasons)}
-        lengths.update({k: len(getattr(self, k)) for k in ("created_at", "in_stock") if getattr(self, k) is not None})
+        lengths.update({k: len(getattr(self, k)) for k in ("created_at", "in_stock", "propensity")
+                        if getattr(self, k) is not None})
         wrong = {name: size for name, size in lengths.items() if size != n}
         if wrong:
             raise ValueError(f"RankedList fields must all have len(item_ids) = {n}; got {wrong}")
@@ -105,7 +111,8 @@ class RankedList:
             item_ids=pick(self.item_ids), scores=self.scores[idx], brands=pick(self.brands),
             categories=pick(self.categories), reasons=pick(self.reasons if reasons is None else reasons),
             created_at=None if self.created_at is None else self.created_at[idx],
-            in_stock=None if self.in_stock is None else self.in_stock[idx], version=self.version)
+            in_stock=None if self.in_stock is None else self.in_stock[idx], version=self.version,
+            propensity=None if self.propensity is None else self.propensity[idx])
 
 
 @dataclass

@@ -78,6 +78,7 @@ class _Plan:
         self.n_quota = 0  # order[:n_quota] fill the top quota_k's free slots (once the quotas ran)
         self._bought: list[bool] | None = None
         self._new: list[bool] | None = None
+        self.explore_pools: dict[int, int] = {}  # exploration slot -> new items it could have drawn from
 
     def bought(self) -> list[bool]:
         """Per original index: bought within the window. A purchase stamped after `now` (clock skew between
@@ -116,7 +117,26 @@ class _Plan:
         return out
 
     def result(self) -> RankedList:
-        return self.ranked.take(self.final_order(), self.reasons)
+        out = self.ranked.take(self.final_order(), self.reasons)
+        out.propensity = self.propensities(out.reasons)
+        return out
+
+    def propensities(self, reasons: Sequence[str]) -> np.ndarray:
+        """(n,) probability of each final position's item being there. Exploration is the only random rule: the
+        item it pinned at slot s had epsilon / |pool of s|; any other item at position p is there when none of
+        the exploration slots at or above p (with a pool) fired, (1 - epsilon) ** k. (An explored list reached
+        another way, e.g. the pool's draw equal to the item that was there anyway, is left out: a lower bound.)"""
+        eps = self.config.explore_epsilon
+        out = np.ones(len(reasons), dtype=np.float64)
+        if eps <= 0.0 or not self.explore_pools:
+            return out
+        slots = sorted(self.explore_pools)
+        for p, reason in enumerate(reasons):
+            if reason == REASON_EXPLORE and p in self.explore_pools:
+                out[p] = eps / self.explore_pools[p]
+            else:
+                out[p] = (1.0 - eps) ** sum(1 for s in slots if s <= p)
+        return out
 
 
 def _filter(plan: _Plan) -> None:
@@ -180,10 +200,12 @@ def _explore(plan: _Plan, rng: np.random.Generator | None) -> None:
     coins, picks = rng.random(len(cfg.explore_slots)), rng.random(len(cfg.explore_slots))
     new = plan.new()
     for slot, coin, pick in zip(cfg.explore_slots, coins, picks):
-        if coin >= cfg.explore_epsilon or not plan.can_pin(slot):
+        if not plan.can_pin(slot):
             continue
         pool = _eligible(plan, slot, new)
-        if pool:  # uniform over the new items below the slot: epsilon-greedy explores, it does not rank
+        if pool:
+            plan.explore_pools[slot] = len(pool)  # whether or not the coin fires: the propensities need both
+        if pool and coin < cfg.explore_epsilon:  # uniform over the new items below the slot: it does not rank
             plan.pin(slot, pool[int(pick * len(pool))], REASON_EXPLORE)
 
 
