@@ -16,6 +16,7 @@ from indexing.embed import LAYOUTS
 from training.request.clock import CLOCKS
 
 CHANGES_FILE = "item-changes.jsonl"
+IMPRESSIONS_DIR = "impressions"
 
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs still go to the session's log files
@@ -60,6 +61,10 @@ class ServingConfig:
     # What item and action ages are measured against (training.request.clock): "auto" is the data's own time line
     # for a version trained on a snapshot (the synthetic shop), the wall clock for live data; or "data" / "wall".
     clock: str = "auto"
+    # Where every answer's shown items are logged (deployments/ingress/impressions.py): "auto" is the store's Redis
+    # when it is one, else the folder `impressions/` of the working directory (shared storage on a multi-node
+    # cluster); "off"; or a folder or a redis:// URL.
+    impressions: str = "auto"
 
     def __post_init__(self) -> None:
         if self.clock not in CLOCKS:
@@ -82,6 +87,15 @@ def change_log_spec(cfg: ServingConfig, bundle_dir: str | Path) -> str:
     if cfg.store != EMBEDDED:
         return cfg.store
     return str(Path(bundle_dir).resolve().parent / CHANGES_FILE)
+
+
+def impression_log_spec(cfg: ServingConfig) -> str:
+    """The ingress's impression log ("" for none): see `ServingConfig.impressions`."""
+    if cfg.impressions == "off":
+        return ""
+    if cfg.impressions != "auto":
+        return cfg.impressions
+    return cfg.store if cfg.store != EMBEDDED else str(Path(IMPRESSIONS_DIR).resolve())
 
 
 def _actor_options(cfg: ServingConfig, env: dict[str, str], share: float = 1.0) -> dict[str, Any]:
@@ -135,4 +149,4 @@ def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None,
     user_config = ingress_user_config(versions, policy, cfg, admin_token_sha256, buckets)
     return Ingress.options(ray_actor_options=_actor_options(cfg, INGRESS_ENV),
                            autoscaling_config=_autoscaling(cfg, 2), user_config=user_config).bind(
-        store_spec=cfg.store)
+        store_spec=cfg.store, impressions=impression_log_spec(cfg))

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
+from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
@@ -30,6 +31,7 @@ from deployments.backpressure import RETRY_AFTER_S, SHED
 from deployments.ingress.admission import INGRESS_MAX_ONGOING, INGRESS_MIN_ADMITTED, AdaptiveLimit
 from deployments.ingress.admin import (ADMIN_TOKEN_ENV, ROUTING_REGISTRY_NAME, PolicySteering, check_admin_token,
                                        parse_policy, registry_actor, unprocessable)
+from deployments.ingress.impressions import ImpressionLog, answer_rows, open_impression_sink
 from deployments.ingress.metrics import PolicyMetrics, RequestMetrics, answer_figures
 from deployments.ingress.request_path import STAGE_TIMEOUT_S, STORE_TIMEOUT_S, StageUnavailable, answer
 from deployments.ingress.routing import LiveRouting, Routing, RoutingSteering, VersionStages, encode_table
@@ -97,11 +99,12 @@ def _replica_id() -> str:
 class Ingress:
     def __init__(self, store: StoreClient | None = None, registry: Any = None,
                  stages: dict[str, dict[str, DeploymentHandle]] | None = None, store_spec: str = EMBEDDED,
-                 routing_registry: Any = None, controller: Any = None) -> None:
+                 routing_registry: Any = None, controller: Any = None, impressions: str = "") -> None:
         """Collaborators default to the cluster's: the online store (`store_spec`: the embedded actor or a redis://
         URL), the policy and routing registry actors, the rollout controller, and each live version's deployments
         looked up by handle. Serve's local testing mode passes in-process ones instead (`tests/unit/deployments`): a
-        store, `SteeringRegistry`s, and {version: {"retrieval", "ranking", "version"}} bound deployments."""
+        store, `SteeringRegistry`s, and {version: {"retrieval", "ranking", "version"}} bound deployments.
+        `impressions`: where every answer's shown items are logged (`deployments.ingress.impressions`; "" off)."""
         self.store = store or open_store(store_spec)
         replica = _replica_id()
         fixed = {v: VersionStages(**s) for v, s in (stages or {}).items()}
@@ -121,6 +124,10 @@ class Ingress:
         self._store_stats: dict[str, Any] | None = None  # the store's first stats answer (its backend, durability)
         self._change_logs: dict[str, ChangeLog] = {}  # the catalog change logs POST /admin/items writes to
         self._clocks: dict[str, ServingClock] = {}  # per version, asked of its Version deployment once
+        sink = open_impression_sink(impressions)
+        dropped = metrics.Counter("recsys_impressions_dropped", "Impression rows not logged (buffer full or the "
+                                  "log unavailable).")
+        self.impressions = ImpressionLog(sink, on_drop=lambda n: dropped.inc(n)) if sink is not None else None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """{"versions": {"v1": 90, "v2": 10}, "policy": {...}, "admin_token_sha256": "...", "candidates": 500}; a
@@ -152,6 +159,8 @@ class Ingress:
         """Serve calls this when the replica shuts down."""
         await self.steering.leave()
         await self.routing.leave()
+        if self.impressions is not None:
+            await self.impressions.close()  # what the buffer holds is written before the replica goes
 
     @app.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest, x_request_id: str | None = Header(None, max_length=128),
@@ -196,6 +205,8 @@ class Ingress:
             self.outcomes.record(version, 0.0, error=True, mixed=True)
             raise HTTPException(503, f"version {version}: parts of the answer came from other versions: {mixed}")
         final = out.final
+        if self.impressions is not None:  # buffered only: written off the request path
+            self.impressions.record(answer_rows(request_id, req.user_id, version, surface, final, req.k, out.now))
         self.metrics.record(version, surface, answer_figures(final, req.k, out.now, policy.new_item_days),
                             out.timings_ms["policy"])
         items = [RecommendedItem(item_id=final.item_ids[i], score=float(final.scores[i]), brand=final.brands[i],

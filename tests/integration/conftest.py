@@ -20,7 +20,8 @@ def tiny_stack(ray_cluster, serve_port: int, tmp_path_factory: pytest.TempPathFa
 
     root = tmp_path_factory.mktemp("stack")
     cfg = load_config("tiny")
-    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=serve_port),
+    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=serve_port,
+                                                               impressions=str(root / "impressions")),
                               train=dataclasses.replace(cfg.train, storage_path=str(root / "runs")))
     shop_dir = root / "shop"
     write_shop(generate_shop("tiny", seed=0), shop_dir)

@@ -8,6 +8,8 @@ import threading
 import time
 
 import httpx
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import ray
 
@@ -59,6 +61,34 @@ def admin_stack(tiny_stack):
     yield tiny_stack
     deploy_ingress(WEIGHTS, cfg.policy.to_dict(), cfg.serving)
     wait_healthy(tiny_stack["url"])
+
+
+def test_every_answer_is_logged_as_impressions_off_the_request_path(tiny_stack):
+    """Runs before the admin tests redeploy the ingress: the stack's own ingress logs to its folder."""
+    from training.data.impressions import read_impressions
+
+    users = engaged_users(tiny_stack, 3)
+    answers = {f"imp-{u}": post(tiny_stack, "/recommend", {"user_id": u, "k": 5, "request_id": f"imp-{u}"}).json()
+               for u in users}
+    folder = tiny_stack["cfg"].serving.impressions
+    deadline = time.monotonic() + 60  # the log flushes every 5 s, off the request path
+    logged = None
+    while time.monotonic() < deadline:
+        try:
+            table = read_impressions(folder)
+            logged = table.filter(pc.is_in(table["request_id"], pa.array(list(answers))))
+        except FileNotFoundError:
+            pass
+        if logged is not None and logged.num_rows == 5 * len(answers):
+            break
+        time.sleep(0.5)
+    assert logged is not None and logged.num_rows == 5 * len(answers)
+    for rid, a in answers.items():
+        rows = logged.filter(pc.equal(logged["request_id"], rid)).sort_by("position")
+        assert rows["item_id"].to_pylist() == [i["item_id"] for i in a["items"]]
+        assert rows["reason"].to_pylist() == [i["reason"] for i in a["items"]]
+        assert set(rows["version"].to_pylist()) == {a["version"]} and set(rows["user_id"].to_pylist()) == {a["user_id"]}
+        assert all(0.0 < p <= 1.0 for p in rows["propensity"].to_pylist())
 
 
 def test_admin_endpoint_refuses_missing_and_wrong_tokens(admin_stack):

@@ -1,0 +1,149 @@
+"""The ingress's impression log: every answer's shown items, written off the request path.
+
+`ImpressionLog.record` only appends to a bounded in-memory buffer (no I/O, no await): a full buffer drops the
+answer's rows and counts them (`recsys_impressions_dropped`), so logging never blocks or fails a request. A
+background task flushes the buffer every `flush_s` (or once it holds `flush_rows`) to its sink in a worker thread:
+
+- `ParquetSink`: one Parquet part per flush under `<folder>/date=<YYYY-MM-DD>/`, written to a temporary name
+  and renamed, so a reader never sees half a file (rolling files; `training.data.impressions.read_impressions`);
+- `RedisSink`: one stream entry per answer (`XADD recsys:impressions`, its rows as JSON), trimmed to about
+  `max_entries`, when the online store is Redis.
+
+A sink that fails drops that flush's rows (counted, logged); the next flush tries again.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from training.data.impressions import STREAM, rows_to_table
+from training.request.contracts import RankedList
+
+logger = logging.getLogger("ray.serve")
+
+
+class ParquetSink:
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.name = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"  # one writer per replica: parts never collide
+        self.seq = 0
+
+    def write(self, answers: list[list[dict]]) -> None:
+        rows = [r for answer in answers for r in answer]
+        table = rows_to_table(rows)
+        day = time.strftime("%Y-%m-%d", time.gmtime(rows[0]["served_at"]))
+        folder = self.folder / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.seq += 1
+        path = folder / f"part-{self.name}-{self.seq:06d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
+    def __repr__(self) -> str:
+        return f"ParquetSink({self.folder})"
+
+
+class RedisSink:
+    def __init__(self, url: str, max_entries: int = 1_000_000) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2.0)
+        self.max_entries = max_entries
+
+    def write(self, answers: list[list[dict]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for answer in answers:
+            pipe.xadd(STREAM, {"rows": json.dumps(answer)}, maxlen=self.max_entries, approximate=True)
+        pipe.execute()
+
+    def __repr__(self) -> str:
+        return "RedisSink"
+
+
+def open_impression_sink(spec: str) -> ParquetSink | RedisSink | None:
+    """"" (off), a redis:// URL, or a folder."""
+    if not spec:
+        return None
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisSink(spec)
+    return ParquetSink(spec)
+
+
+def answer_rows(request_id: str, user_id: str, version: str, surface: str, final: RankedList, k: int,
+                served_at: float) -> list[dict[str, Any]]:
+    """The shown items of one answer (its first k) as impression rows."""
+    n = min(k, len(final))
+    propensity = final.propensity if final.propensity is not None else [1.0] * len(final)
+    return [{"request_id": request_id, "user_id": user_id, "version": version, "surface": surface, "position": i,
+             "item_id": final.item_ids[i], "score": float(final.scores[i]), "reason": final.reasons[i],
+             "propensity": float(propensity[i]), "served_at": served_at} for i in range(n)]
+
+
+class ImpressionLog:
+    """Bounded buffer + background flush; `record` never blocks."""
+
+    def __init__(self, sink: Any, max_rows: int = 200_000, flush_rows: int = 20_000, flush_s: float = 5.0,
+                 on_drop: Any = None) -> None:
+        self.sink, self.max_rows, self.flush_rows, self.flush_s = sink, max_rows, flush_rows, flush_s
+        self.buffer: list[list[dict]] = []
+        self.rows = 0  # rows in the buffer
+        self.written = self.dropped = 0
+        self.on_drop = on_drop  # called with the number of rows dropped (a metric counter)
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    def record(self, rows: list[dict]) -> bool:
+        """Buffers one answer's rows; False (and counted) when the buffer is full."""
+        if self.rows + len(rows) > self.max_rows:
+            self._drop(len(rows))
+            return False
+        self.buffer.append(rows)
+        self.rows += len(rows)
+        if self.rows >= self.flush_rows:
+            self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return True
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        if self.on_drop is not None:
+            self.on_drop(n)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.flush_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Writes what the buffer holds now; the rows written (0 on failure, the rows then counted as dropped)."""
+        if not self.buffer:
+            return 0
+        answers, n = self.buffer, self.rows
+        self.buffer, self.rows = [], 0
+        try:
+            await asyncio.to_thread(self.sink.write, answers)
+        except Exception as e:  # noqa: BLE001 - logging must never take the ingress down
+            self._drop(n)
+            logger.warning(f"impression log {self.sink!r}: {n} rows dropped: {type(e).__name__}: {e}")
+            return 0
+        self.written += n
+        return n
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()

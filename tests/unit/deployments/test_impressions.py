@@ -1,0 +1,103 @@
+"""The impression log (deployments/ingress/impressions.py) and reading it back joined with outcomes
+(training/data/impressions.py): never blocking, bounded, durable in Parquet or Redis, point-in-time labels."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from deployments.ingress.impressions import ImpressionLog, ParquetSink, RedisSink, answer_rows
+from training.data.impressions import IMPRESSIONS_SCHEMA, label_impressions, read_impressions
+from training.data.schemas import TIMESTAMP
+from training.request.contracts import RankedList
+
+T0 = 1_790_000_000.0
+
+
+def _final(n: int = 4) -> RankedList:
+    return RankedList(item_ids=[f"i{j}" for j in range(n)], scores=np.linspace(1, 0, n), brands=["b"] * n,
+                      categories=["c"] * n, reasons=["interest:0", "policy:explore", "retrieval", "condition:x"][:n],
+                      propensity=[1.0, 0.05, 0.9, 0.9][:n])
+
+
+def test_answer_rows_hold_what_was_shown_with_reason_and_propensity():
+    rows = answer_rows("r1", "u1", "v1", "home", _final(), k=3, served_at=T0)
+    assert [r["item_id"] for r in rows] == ["i0", "i1", "i2"] and [r["position"] for r in rows] == [0, 1, 2]
+    assert rows[1]["reason"] == "policy:explore" and rows[1]["propensity"] == 0.05
+    assert {r["request_id"] for r in rows} == {"r1"} and rows[0]["served_at"] == T0
+
+
+def test_parquet_parts_are_read_back_whole_and_in_order(tmp_path):
+    async def run():
+        log = ImpressionLog(ParquetSink(tmp_path / "imp"), flush_s=3600)
+        for i in range(5):
+            assert log.record(answer_rows(f"r{i}", f"u{i % 2}", "v1", "home", _final(), 4, T0 + i))
+        assert await log.flush() == 20 and log.written == 20
+        log.record(answer_rows("r9", "u9", "v2", "search", _final(), 2, T0 + 9))
+        await log.close()
+    asyncio.run(run())
+    assert len(list((tmp_path / "imp").rglob("*.parquet"))) == 2 and not list((tmp_path / "imp").rglob("*.tmp"))
+    table = read_impressions(tmp_path / "imp")
+    assert table.schema == IMPRESSIONS_SCHEMA and table.num_rows == 22
+    assert table["request_id"].to_pylist()[:4] == ["r0"] * 4 and table["surface"].to_pylist()[-1] == "search"
+
+
+def test_a_full_buffer_or_a_failing_sink_drops_and_counts_never_raises(tmp_path):
+    class Broken:
+        def write(self, answers):
+            raise ConnectionError("log down")
+
+    async def run():
+        drops = []
+        log = ImpressionLog(Broken(), max_rows=10, flush_s=3600, on_drop=drops.append)
+        assert log.record(answer_rows("a", "u", "v1", "home", _final(), 4, T0))
+        assert log.record(answer_rows("b", "u", "v1", "home", _final(), 4, T0))
+        assert not log.record(answer_rows("c", "u", "v1", "home", _final(), 4, T0))  # 12 > 10 rows
+        assert await log.flush() == 0  # the sink failed: its rows count as dropped, nothing raises
+        await log.close()
+        return log, drops
+    log, drops = asyncio.run(run())
+    assert log.dropped == 12 and drops == [4, 8] and log.written == 0
+
+
+def test_the_redis_stream_holds_every_answer(redis_url):
+    import redis
+
+    sink = RedisSink(redis_url)
+    redis.Redis.from_url(redis_url).delete("recsys:impressions")
+    sink.write([answer_rows(f"r{i}", "u", "v1", "home", _final(), 4, T0 + i) for i in range(3)])
+    table = read_impressions(redis_url)
+    assert table.num_rows == 12 and sorted(set(table["request_id"].to_pylist())) == ["r0", "r1", "r2"]
+
+
+def test_labels_are_point_in_time_correct():
+    imp = pa.Table.from_pylist([
+        {"request_id": "r", "user_id": "u1", "version": "v1", "surface": "home", "position": 0, "item_id": "a",
+         "score": 1.0, "reason": "retrieval", "propensity": 1.0, "served_at": int(T0 * 1000)},
+        {"request_id": "r", "user_id": "u1", "version": "v1", "surface": "home", "position": 1, "item_id": "b",
+         "score": 0.5, "reason": "retrieval", "propensity": 1.0, "served_at": int(T0 * 1000)},
+        {"request_id": "s", "user_id": "u2", "version": "v1", "surface": "home", "position": 0, "item_id": "a",
+         "score": 1.0, "reason": "retrieval", "propensity": 1.0, "served_at": int(T0 * 1000)},
+    ], schema=IMPRESSIONS_SCHEMA)
+    ms = lambda s: int((T0 + s) * 1000)
+    events = pa.table({"user_id": ["u1", "u1", "u1", "u2", "u1"], "item_id": ["a", "a", "b", "a", "b"],
+                       "timestamp": pa.array([ms(-60), ms(0), ms(7200), ms(30), ms(10)], type=TIMESTAMP),
+                       "action": ["purchase", "click", "click", "add_to_cart", "view"]})
+    out = label_impressions(imp, events, window_s=3600)
+    # u1/a: a purchase before it was shown and a click at the same instant: neither is its outcome (leakage).
+    # u1/b: a click 2 h later, outside the window; the view inside it is no click. u2/a: a cart after 30 s.
+    assert out["click"].to_pylist() == [False, False, True]
+    assert out["add_to_cart"].to_pylist() == [False, False, True]
+    assert out["purchase"].to_pylist() == [False, False, False]
+    wide = label_impressions(imp, events, window_s=3 * 3600)
+    assert wide["click"].to_pylist() == [False, True, True]
+    with pytest.raises(ValueError, match="window_s"):
+        label_impressions(imp, events, window_s=0)
+
+
+def test_a_folder_without_a_log_is_an_error_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no impression log"):
+        read_impressions(tmp_path / f"nothing-{uuid.uuid4().hex}")

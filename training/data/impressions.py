@@ -1,0 +1,115 @@
+"""Impression logs: what serving showed, read back and joined with what the users did next.
+
+Every answer of `POST /recommend` is logged as one row per shown item (`IMPRESSIONS_SCHEMA`; written by
+`deployments.ingress.impressions`): rolling Parquet files under a folder, or a Redis stream when the online store
+is Redis. They are the training data of the next version (issue: "learning from what we serve").
+
+`label_impressions` joins them with the events that followed, point-in-time correct: an impression served at s is
+labelled with the user's click / add_to_cart / purchase of that item at a time t with s < t <= s + window. An event
+at or before s never labels it (it happened before the item was shown: the label would leak the past), nor does
+one after the window.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+IMPRESSIONS_SCHEMA = pa.schema([
+    pa.field("request_id", pa.string(), nullable=False),
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("version", pa.string(), nullable=False),
+    pa.field("surface", pa.string(), nullable=False),  # the page the answer was for (the policy's preset)
+    pa.field("position", pa.int32(), nullable=False),  # 0-based slot in the answer
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),  # the ranker's score (retrieval's where it did not rank)
+    pa.field("reason", pa.string(), nullable=False),  # the interest / condition that retrieved it, or the rule
+    pa.field("propensity", pa.float64(), nullable=False),  # P(the policy placed this item at this position)
+    pa.field("served_at", pa.timestamp("ms", tz="UTC"), nullable=False),  # on the serving clock
+])
+STREAM = "recsys:impressions"  # the Redis stream's key
+LABELS = ("click", "add_to_cart", "purchase")
+LABEL_ACTIONS = {"click": ("click", "wishlist", "add_to_cart", "purchase"),  # any engagement implies a click
+                 "add_to_cart": ("add_to_cart", "purchase"), "purchase": ("purchase",)}
+
+
+def read_impressions(spec: str | Path) -> pa.Table:
+    """Every impression of a log: a folder of Parquet parts (searched recursively) or a redis:// URL."""
+    spec = str(spec)
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return _read_stream(spec)
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no impression log folder")
+    parts = sorted(folder.rglob("*.parquet"))
+    if not parts:
+        return IMPRESSIONS_SCHEMA.empty_table()
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part, schema=IMPRESSIONS_SCHEMA))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{part}: not an impression log part ({e})") from e
+    return pa.concat_tables(tables).sort_by([("served_at", "ascending"), ("request_id", "ascending"),
+                                             ("position", "ascending")])
+
+
+def _read_stream(url: str) -> pa.Table:
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    rows: list[dict] = []
+    last = "-"
+    while True:
+        batch = client.xrange(STREAM, min=last, max="+", count=10_000)
+        batch = [b for b in batch if b[0] != last]
+        if not batch:
+            break
+        for _, fields in batch:
+            rows += json.loads(fields["rows"])
+        last = batch[-1][0]
+    return rows_to_table(rows)
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Impression rows (dicts with `IMPRESSIONS_SCHEMA` names; served_at in unix seconds) as a table."""
+    if not rows:
+        return IMPRESSIONS_SCHEMA.empty_table()
+    cols = {f.name: [r[f.name] for r in rows] for f in IMPRESSIONS_SCHEMA}
+    cols["served_at"] = (np.asarray(cols["served_at"], dtype=np.float64) * 1000.0).astype(np.int64)
+    return pa.Table.from_pydict(cols, schema=IMPRESSIONS_SCHEMA)
+
+
+def label_impressions(impressions: pa.Table, events: pa.Table, window_s: float = 3600.0) -> pa.Table:
+    """The impressions with one bool column per `LABELS`: did the user do that with the item after seeing it.
+
+    Args:
+        impressions: `IMPRESSIONS_SCHEMA` rows.
+        events: EVENTS_SCHEMA rows (user_id, item_id, timestamp, action), any order.
+        window_s: how long after the impression an action still counts as its outcome.
+    """
+    if window_s <= 0:
+        raise ValueError(f"window_s must be > 0, got {window_s}")
+    imp = pd.DataFrame({"row": np.arange(impressions.num_rows),
+                        "user_id": impressions["user_id"].to_pylist(), "item_id": impressions["item_id"].to_pylist(),
+                        "t": impressions["served_at"].cast(pa.int64()).to_numpy()})
+    out = impressions
+    window_ms = int(window_s * 1000)
+    for label in LABELS:
+        chosen = events.filter(pc.is_in(events["action"], pa.array(list(LABEL_ACTIONS[label]))))
+        ev = pd.DataFrame({"user_id": chosen["user_id"].to_pylist(), "item_id": chosen["item_id"].to_pylist(),
+                           "t_event": chosen["timestamp"].cast(pa.int64()).to_numpy()})
+        hit = np.zeros(len(imp), dtype=bool)
+        if len(imp) and len(ev):
+            # The first event strictly after each impression of the same user and item, within the window.
+            joined = pd.merge_asof(imp.sort_values("t"), ev.sort_values("t_event"), left_on="t", right_on="t_event",
+                                   by=["user_id", "item_id"], direction="forward", allow_exact_matches=False,
+                                   tolerance=window_ms)
+            hit[joined["row"].to_numpy()] = joined["t_event"].notna().to_numpy()
+        out = out.append_column(label, pa.array(hit))
+    return out
