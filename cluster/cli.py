@@ -123,6 +123,18 @@ def _status(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2)) if args.json else print_placements(report)
 
 
+def _simulate(args: argparse.Namespace) -> None:
+    from cluster.simulate import format_summary, simulate, write_result
+
+    result = simulate(args.url, args.data, args.sessions, seed=args.seed, k=args.k, page=args.page,
+                      concurrency=args.concurrency)
+    print(format_summary(result))
+    if args.out:
+        print(f"wrote {write_result(result, args.data, args.out)}/simulate.json and events.parquet")
+    if result["errors"] == result["sessions"]:
+        raise RuntimeError(f"every session failed: {result['error_kinds']}")
+
+
 def _items(args: argparse.Namespace) -> None:
     """`recsys items apply FILE.parquet`: the file's changes into the change log the shop's live versions follow."""
     import pyarrow.parquet as pq
@@ -194,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(e)
     e.set_defaults(func=_eval)
+
+    sim = sub.add_parser("simulate", help="the closed-loop shop: a synthetic shop's users ask the live service over "
+                         "HTTP and respond through /events with the generator's behaviour model")
+    sim.add_argument("--url", default="http://127.0.0.1:8000", help="the service's HTTP endpoint")
+    sim.add_argument("--data", type=Path, required=True, help="the synthetic shop folder the service was trained on")
+    sim.add_argument("--sessions", type=int, default=500)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--k", type=int, default=12, help="items per answer (one screen)")
+    sim.add_argument("--page", default="home", help="the surface every request is for")
+    sim.add_argument("--concurrency", type=int, default=4)
+    sim.add_argument("--out", type=Path, default=None,
+                     help="folder for simulate.json (the figures) and events.parquet (what the users did)")
+    sim.set_defaults(func=_simulate)
 
     r = sub.add_parser("replay", help="counterfactual replay on a synthetic shop: log impressions with propensities, "
                        "estimate policy changes with IPS/SNIPS, compare with the simulated truth")

@@ -80,6 +80,9 @@ class RecommendResponse(BaseModel):
     timings_ms: dict[str, float]
     # the version of each part that made this answer (retrieval's tower, the index, the ranker): always `version`
     stage_versions: dict[str, str] = Field(default_factory=dict)
+    # when the answer was made, on the serving clock (training/request/clock.py): events about it are stamped
+    # after this instant, on the same time line, so they join the impression log point in time
+    served_at: datetime | None = None
 
 
 class EventIn(BaseModel):

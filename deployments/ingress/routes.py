@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Request
@@ -222,6 +222,7 @@ class Ingress:
         return RecommendResponse(user_id=req.user_id, request_id=request_id, version=version,
                                  cold_start=out.cold_start, partial=out.partial, store_fallback=out.store_fallback,
                                  items=items, stage_versions=out.stage_versions,
+                                 served_at=datetime.fromtimestamp(out.now, tz=timezone.utc),
                                  timings_ms={k: round(v, 3) for k, v in timings.items()})
 
     def _start_shadow(self, live: LiveRouting, version: str, request: tuple[str, dict, int], policy: PolicyConfig,

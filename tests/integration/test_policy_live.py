@@ -91,6 +91,31 @@ def test_every_answer_is_logged_as_impressions_off_the_request_path(tiny_stack):
         assert all(0.0 < p <= 1.0 for p in rows["propensity"].to_pylist())
 
 
+def test_simulated_users_answer_through_events_and_their_sessions_are_logged(tiny_stack):
+    from cluster.simulate import simulate
+    from training.data.impressions import label_impressions, read_impressions
+
+    result = simulate(tiny_stack["url"], tiny_stack["shop"], sessions=30, seed=7, k=8, prefix="simtest")
+    assert result["errors"] == 0 and result["all"]["sessions"] == 30
+    assert set(result["by_version"]) <= {"v1", "v2"} and sum(f["sessions"] for f in result["by_version"].values()) == 30
+    c = result["all"]["clicks_per_session"]
+    assert c["lo"] <= c["mean"] <= c["hi"] and result["all"]["mean_relevance@k"] > 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the ingress flushes its impression log every 5 s
+        table = read_impressions(tiny_stack["cfg"].serving.impressions)
+        logged = table.filter(pc.starts_with(table["request_id"], "simtest-"))
+        if logged.num_rows == 30 * 8:
+            break
+        time.sleep(0.5)
+    assert logged.num_rows == 30 * 8
+    # The clicks the simulated users posted are the outcomes of what they were shown: joined back point in time
+    # (the events are stamped after the answer's served_at, on the serving clock), every click is found.
+    from cluster.simulate import events_table
+
+    labelled = label_impressions(logged, events_table(result, tiny_stack["shop"]), window_s=600)
+    assert sum(labelled["click"].to_pylist()) == round(c["mean"] * 30)
+
+
 def test_admin_endpoint_refuses_missing_and_wrong_tokens(admin_stack):
     body = {"policy": {"max_brand_run": 2}}
     assert post(admin_stack, "/admin/policy", body).status_code == 401
