@@ -313,11 +313,35 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default=None,
                         help="comma-separated seeds: every neural model trains once per seed and the report gives "
                              "mean and spread (default: the config's seed)")
+    parser.add_argument("--search", default=None,
+                        help='a small search over validation, e.g. "lr=0.001,0.003;dropout=0.1,0.3": each neural '
+                             "model fits every combination of the keys it has and keeps the best (train.search)")
     parser.add_argument("--k-core", type=int, default=None,
                         help="keep users and items with at least this many engagements (default: the format's, "
                              "5 on MovieLens, Taobao and RetailRocket; 1 turns it off)")
     parser.add_argument("--no-sections", dest="sections", action="store_false",
                         help="skip the other stages' report sections (the ranking comparison)")
+
+
+def _number(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_search(text: str) -> dict[str, list]:
+    """ "lr=0.001,0.003;dropout=0.1,0.3" -> {"lr": [0.001, 0.003], "dropout": [0.1, 0.3]}."""
+    out: dict[str, list] = {}
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        key, sep, values = part.partition("=")
+        vals = [_number(v.strip()) for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            raise ValueError(f"--search: 'key=v1,v2;key=...', got {part!r}")
+        out[key.strip()] = vals
+    return out
 
 
 def eval_command(args: argparse.Namespace, cfg: TrainConfig | None = None) -> dict:
@@ -341,5 +365,7 @@ def eval_command(args: argparse.Namespace, cfg: TrainConfig | None = None) -> di
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip()) if args.seeds else None
     except ValueError:
         raise ValueError(f"--seeds: comma-separated integers, got {args.seeds!r}") from None
+    if args.search:
+        cfg = dataclasses.replace(cfg, search=parse_search(args.search))
     return run_eval(args.data, args.fmt, args.out, models, protocols, cfg, args.max_users, sections=args.sections,
                     k_core=args.k_core, seeds=seeds)

@@ -263,6 +263,15 @@ def _protocol_markdown(name: str, p: dict, out_dir: Path) -> tuple[list[str], li
         warnings = [(n, m["training"]["validation"]["warning"]) for n, m in models.items()
                     if (m["training"].get("validation") or {}).get("warning")]
         lines += [f"- **Warning, {n}**: {w}." for n, w in warnings] + ([""] if warnings else [])
+        searched = {n: m["training"]["search"] for n, m in models.items() if m["training"].get("search")}
+        if searched:
+            lines += ["Search over validation (each combination a whole fit; the best validation NDCG@10 is kept):",
+                      "", _table(["model", "params", "val NDCG@10", "best epoch", "epochs run", "s", "kept"],
+                                 [[n, json.dumps(r["params"]), r.get("val_ndcg@10"), r["best_epoch"], r["epochs_run"],
+                                   r["seconds"], "yes" if r["params"] == s["chosen"] else ""]
+                                  for n, s in searched.items() for r in s["runs"]]), ""]
+            lines += [f"- {n}: no search key applies (skipped {s['skipped_keys']})." for n, s in searched.items()
+                      if len(s["runs"]) == 1 and s["skipped_keys"]] + [""]
         fig_name = f"validation_{name}.png"
         if plot_validation_curves(models, out_dir / fig_name, f"Validation NDCG@10 per epoch ({name})"):
             figures.append(fig_name)

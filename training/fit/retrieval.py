@@ -12,6 +12,8 @@ evaluated user (chunked matrix product), never returning an item in `task.seen`.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import time
 import uuid
 from dataclasses import fields
@@ -23,7 +25,7 @@ from training.data.examples import tower_examples
 from training.data.features import engagements_of, item_lookups
 from training.data.splits import RetrievalTask
 from training.fit.offline_metrics import item_vectors
-from training.fit.validation import training_summary, validation_arrays, validation_task
+from training.fit.validation import VAL_METRIC, training_summary, validation_arrays, validation_task
 from training.fit.train_loop import MIN_BATCH_SIZE, FitSpec, TrainConfig, batch_size_for, build_model, fit_on_ray
 from training.metrics import top_k_excluding
 from training.models.lightgcn import LightGCNConfig
@@ -66,6 +68,30 @@ def sasrec_data(task: RetrievalTask, length: int | None = None) -> dict[str, np.
 
 def _config_fields(config_cls: type) -> set[str]:
     return {f.name for f in fields(config_cls)}
+
+
+SCHEDULE_KEYS = ("lr", "batch_size", "epochs")  # search keys of the schedule; any other is a model config field
+MAX_SEARCH = 16  # combinations per model: each is a whole fit
+
+
+def search_grid(space: dict, model_fields: set[str]) -> tuple[list[dict], list[str]]:
+    """Every combination of the search space's values for the keys a model has, and the keys it does not have.
+
+    Args:
+        space: {key: [values]} (`TrainConfig.search`), keys of `SCHEDULE_KEYS` or of the model's config.
+        model_fields: the model config's field names.
+    Raises:
+        ValueError: a key without values, or more than `MAX_SEARCH` combinations.
+    """
+    keys = [k for k in space if k in SCHEDULE_KEYS or k in model_fields]
+    skipped = sorted(set(space) - set(keys))
+    for k in keys:
+        if not isinstance(space[k], (list, tuple)) or not space[k]:
+            raise ValueError(f"train.search.{k}: a non-empty list of values, got {space[k]!r}")
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))] if keys else []
+    if len(grid) > MAX_SEARCH:
+        raise ValueError(f"train.search: {len(grid)} combinations, at most {MAX_SEARCH} (each is a whole fit)")
+    return grid, skipped
 
 
 class _NeuralRetrieval:
@@ -118,30 +144,59 @@ class _NeuralRetrieval:
     def fit(self, task: RetrievalTask, cfg: TrainConfig) -> dict:
         """Trains on Ray Train against a validation split of the task's training events (`training.fit.validation`):
         the epoch budget is an upper bound, training stops after `cfg.patience` epochs without a better validation
-        NDCG@10, and the best epoch's weights are kept.
+        NDCG@10, and the best epoch's weights are kept. With `cfg.search`, one fit per combination of the values
+        this model has (`search_grid`), and the one with the best validation NDCG@10 is kept.
 
         Returns:
             {"seconds", "examples_per_s" (last epoch), "examples", "batch_size", "history" (per epoch, with the
-            validation scores), "validation" (`training_summary`: epochs run, best epoch and score, warning)}.
+            validation scores), "validation" (`training_summary`: epochs run, best epoch and score, warning),
+            "search" (per combination: params, validation score, epochs; with the chosen one) when searched}.
         """
         t0 = time.perf_counter()
         val = validation_task(task, cfg.val_users, cfg.seed, cfg.test_fraction) if cfg.val_users > 0 else None
         data = self.training_data(val or task)  # the validation targets are not learnt from
         if val is not None:
             data |= validation_arrays(val)
-        spec = self.fit_spec(task, cfg, n_examples=len(data[self.inputs[0]]))
+        n_examples = len(data[self.inputs[0]])
+        grid, skipped = search_grid(cfg.search, _config_fields(self.config_cls))
+        if val is None or not grid:
+            grid = [{}]  # nothing to choose with (no validation users) or nothing this model has
         run_name = self.run_name or f"{self.name}-{task.dataset or 'data'}-{task.protocol}-{uuid.uuid4().hex[:8]}"
-        state, history = fit_on_ray(spec, data, cfg, run_name)
+        runs = []
+        for i, params in enumerate(grid):
+            t1 = time.perf_counter()
+            spec = self._with(params).fit_spec(task, cfg, n_examples=n_examples)
+            state, history = fit_on_ray(spec, data, cfg, run_name if len(grid) == 1 else f"{run_name}-s{i}")
+            summary = training_summary(history, spec.epochs, cfg.patience) | {
+                "validation_users": len(val.user_ids) if val is not None else 0}
+            runs.append({"params": params, "spec": spec, "state": state, "history": history, "summary": summary,
+                         "seconds": time.perf_counter() - t1})
+        best = max(runs, key=lambda r: r["summary"].get(VAL_METRIC) or -1.0)  # the first of equal scores
+        spec, history, summary = best["spec"], best["history"], best["summary"]
         model = build_model(spec.model, spec.model_config)
-        model.load_state_dict(state)
+        model.load_state_dict(best["state"])
         self.model = model.eval()
-        summary = training_summary(history, spec.epochs, cfg.patience) | {
-            "validation_users": len(val.user_ids) if val is not None else 0}
         if summary["warning"]:
             print(f"[{self.name}] WARNING: {summary['warning']}", flush=True)
-        return {"seconds": time.perf_counter() - t0, "examples_per_s": float(history[-1]["examples_per_s"]),
-                "examples": int(len(data[self.inputs[0]])), "batch_size": spec.batch_size, "history": history,
-                "validation": summary}
+        out = {"seconds": time.perf_counter() - t0, "examples_per_s": float(history[-1]["examples_per_s"]),
+               "examples": int(n_examples), "batch_size": spec.batch_size, "history": history,
+               "validation": summary}
+        if len(runs) > 1 or skipped:
+            out["search"] = {"chosen": best["params"], "skipped_keys": skipped,
+                             "runs": [{"params": r["params"], VAL_METRIC: r["summary"].get(VAL_METRIC),
+                                       "best_epoch": r["summary"]["best_epoch"],
+                                       "epochs_run": r["summary"]["epochs_run"], "seconds": r["seconds"]}
+                                      for r in runs]}
+        return out
+
+    def _with(self, params: dict) -> "_NeuralRetrieval":
+        """A copy of this adapter with search `params` applied (schedule keys and model config fields)."""
+        clone = copy.copy(self)
+        clone.model_config = dict(self.model_config) | {k: v for k, v in params.items() if k not in SCHEDULE_KEYS}
+        for key in SCHEDULE_KEYS:
+            if key in params:
+                setattr(clone, key, params[key])
+        return clone
 
     def _trained(self) -> torch.nn.Module:
         if self.model is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class TrainConfig:
     tower_epochs: int = 50
     patience: int = 3  # epochs without a better validation NDCG@10 before a retrieval model stops; 0: run the budget
     val_users: int = 2000  # validation users ranked after every epoch (full catalog, like the test users)
+    # A small search over validation: {key: [values]} of lr, batch_size, epochs or model config fields (dropout,
+    # dim, ...); every neural model fits each combination of the keys it has and keeps the best validation NDCG@10
+    search: dict = field(default_factory=dict)
     tower_batch_size: int = 1024  # per worker; also the number of in-batch negatives
     tower_lr: float = 3e-3
     ranker_epochs: int = 2

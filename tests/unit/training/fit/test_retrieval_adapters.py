@@ -223,3 +223,53 @@ def test_harness_adapter_shrinks_the_configured_batch_on_small_data_only(monkeyp
     assert specs[-1].batch_size == info["batch_size"] == batch_size_for(n, 2, 1024) < 1024
     MultiInterestRetrieval(batch_size=512).fit(task, cfg)
     assert specs[-1].batch_size == 512  # given explicitly: used as is
+
+
+def test_search_grid_takes_the_keys_a_model_has_and_bounds_the_combinations():
+    from training.fit.retrieval import MAX_SEARCH, search_grid
+
+    grid, skipped = search_grid({"lr": [1e-3, 3e-3], "dropout": [0.1, 0.3], "n_interests": [2]}, {"dropout", "dim"})
+    assert grid == [{"lr": 1e-3, "dropout": 0.1}, {"lr": 1e-3, "dropout": 0.3}, {"lr": 3e-3, "dropout": 0.1},
+                    {"lr": 3e-3, "dropout": 0.3}] and skipped == ["n_interests"]
+    assert search_grid({}, {"dim"}) == ([], [])
+    with pytest.raises(ValueError, match="non-empty list"):
+        search_grid({"lr": []}, set())
+    with pytest.raises(ValueError, match=f"at most {MAX_SEARCH}"):
+        search_grid({"lr": list(range(5)), "dim": list(range(4))}, {"dim"})
+
+
+def test_a_search_fits_every_combination_and_keeps_the_best_validation_score(monkeypatch, task):
+    """Ray Train replaced by a stand-in whose validation score is known per learning rate: the adapter must keep
+    the model of the best one and report every run."""
+    import training.fit.retrieval as retrieval
+
+    score = {1e-3: 0.10, 3e-3: 0.25, 1e-2: 0.05}
+    seen = []
+
+    def fake_fit_on_ray(spec, data, cfg, run_name):
+        seen.append((spec.lr, spec.model_config["dropout"], run_name))
+        model = build_model(spec.model, spec.model_config)
+        torch.nn.init.constant_(model.items.item.weight, spec.lr)  # marks which run this state came from
+        return model.state_dict(), [{"epoch": 1, "loss": 0.0, "examples_per_s": 1.0, "val_ndcg@10": score[spec.lr],
+                                     "val_recall@100": 0.5, "best_epoch": 1}]
+
+    monkeypatch.setattr(retrieval, "fit_on_ray", fake_fit_on_ray)
+    cfg = TrainConfig(dim=8, val_users=100, search={"lr": [1e-3, 3e-3, 1e-2], "dropout": [0.2], "gamma": [1]})
+    adapter = SASRecRetrieval(run_name="searched")
+    info = adapter.fit(task, cfg)
+    assert [(lr, d) for lr, d, _ in seen] == [(1e-3, 0.2), (3e-3, 0.2), (1e-2, 0.2)]
+    assert len({name for *_, name in seen}) == 3  # one Ray Train run each: none resumes another's checkpoint
+    assert info["search"]["chosen"] == {"lr": 3e-3, "dropout": 0.2} and info["search"]["skipped_keys"] == ["gamma"]
+    assert [r["val_ndcg@10"] for r in info["search"]["runs"]] == [0.10, 0.25, 0.05]
+    assert info["validation"]["val_ndcg@10"] == 0.25
+    assert torch.allclose(adapter.model.items.item.weight, torch.tensor(3e-3))  # the kept model is the best run's
+    assert adapter.lr is None and adapter.model_config == {}  # the search does not change the adapter itself
+
+
+def test_parse_search_reads_the_command_line_form():
+    from training.evaluation.harness import parse_search
+
+    assert parse_search("lr=0.001,0.003; dropout=0.1 ;dim=32,64") == {"lr": [0.001, 0.003], "dropout": [0.1],
+                                                                      "dim": [32, 64]}
+    with pytest.raises(ValueError, match="--search"):
+        parse_search("lr")
