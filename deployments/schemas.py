@@ -110,6 +110,8 @@ class LiveVersion(BaseModel):
     weight: float
     bundle: str
     index: dict[str, Any]
+    # which order the version serves ("ranker" or "retrieval") and why: its evaluation's NDCG@10 of both orders
+    order: dict[str, Any] | None = None
 
 
 class VersionsResponse(BaseModel):

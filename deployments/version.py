@@ -27,7 +27,10 @@ class Version:
         `clock`: `ServingConfig.clock`, resolved against the bundle (`training.request.clock`)."""
         self.retrieval, self.ranking, self.bundle_dir, self.version = retrieval, ranking, bundle_dir, version
         self.changes = changes
-        self._clock = version_clock(json.loads((Path(bundle_dir) / MANIFEST).read_text()), clock)
+        manifest = json.loads((Path(bundle_dir) / MANIFEST).read_text())
+        self._clock = version_clock(manifest, clock)
+        order = dict((manifest.get("metrics") or {}).get("serving_order") or {})
+        self._order = order or {"serve": "ranker", "reason": "the bundle predates the serving-order check"}
 
     async def clock(self) -> dict[str, Any]:
         """The version's serving clock (`ServingClock.to_dict`): the ingress stamps events and new items with it."""
@@ -35,7 +38,7 @@ class Version:
 
     async def info(self) -> dict[str, Any]:
         manifest = read_index_manifest(self.bundle_dir)
-        return {"version": self.version, "bundle": self.bundle_dir,
+        return {"version": self.version, "bundle": self.bundle_dir, "order": self._order,
                 "index": {"n_items": manifest["n_items"], "shards": len(manifest["shards"]),
                           "built_at": manifest["built_at"], "index_type": manifest["index_type"]}}
 

@@ -420,7 +420,8 @@ class Ingress:
         weights = live.routing.weights
         infos = await asyncio.gather(*[live.stages[v].version.info.remote() for v in weights])
         return VersionsResponse(versions=[LiveVersion(version=v, weight=weights[v], bundle=i["bundle"],
-                                                      index=i["index"]) for v, i in zip(weights, infos)])
+                                                      index=i["index"], order=i.get("order"))
+                                          for v, i in zip(weights, infos)])
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:

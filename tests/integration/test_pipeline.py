@@ -177,6 +177,11 @@ def test_health_and_versions_report_every_live_version(tiny_stack):
     versions = httpx.get(f"{tiny_stack['url']}/versions", timeout=30).json()["versions"]
     assert {v["version"]: v["weight"] for v in versions} == {"v1": 90.0, "v2": 10.0}
     assert all(v["index"]["n_items"] == 2000 for v in versions)
+    for v in versions:  # which order each serves, and the offline figures that decided it
+        order = v["order"]
+        assert order["serve"] in ("ranker", "retrieval") and order["users"] > 0
+        better = "ranker" if order["ranker_ndcg@10"] >= order["retrieval_ndcg@10"] else "retrieval"
+        assert order["serve"] == better
 
 
 def test_weights_change_live_without_failed_requests(tiny_stack):

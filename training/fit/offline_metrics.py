@@ -43,3 +43,39 @@ def evaluate_ranker(model: MultiTaskRanker, imp: Impressions, chunk: int = 65536
     p = np.concatenate(probs) if probs else np.zeros((0, len(TASKS)), dtype=np.float32)
     return {task: {"auc": roc_auc(imp.labels[:, j], p[:, j]), "log_loss": log_loss(imp.labels[:, j], p[:, j]),
                    "positives": int(imp.labels[:, j].sum())} for j, task in enumerate(TASKS)}
+
+
+ORDER_USERS = 1000  # users the serving-order check scores: 500 candidates each through the ranker
+ORDER_CANDIDATES = 500
+
+
+@torch.inference_mode()
+def serving_order(ranker: torch.nn.Module, ranked: np.ndarray, task, k: int = 10,
+                  max_users: int = ORDER_USERS) -> dict:
+    """Which order a version serves: the ranker's order of retrieval's candidates, or retrieval's own order when
+    the ranker makes the list worse offline (NDCG@k against the held-out targets, same users and candidates).
+
+    Args:
+        ranker: the version's ranker (eval mode); ranked: (n_users, >= ORDER_CANDIDATES) retrieval's lists for the
+            task's users, best first, 0 = none; task: the held-out task (`user_inputs`, `targets`).
+    Returns:
+        {"serve": "ranker" | "retrieval", "ranker_ndcg@10", "retrieval_ndcg@10", "users", "candidates"}.
+    """
+    from training.metrics import ndcg_at_k
+    from training.models.ranker import score_candidates
+
+    n = min(len(ranked), max_users)
+    cands = np.asarray(ranked[:n, :ORDER_CANDIDATES], dtype=np.int64)
+    inputs = task.user_inputs(slice(0, n))
+    reranked = np.zeros_like(cands)
+    for s in range(0, n, 64):
+        rows = slice(s, min(s + 64, n))
+        scores = score_candidates(ranker, *(a[rows] for a in inputs), [c[c > 0] for c in cands[rows]])
+        for r, (c, sc) in enumerate(zip(cands[rows], scores)):
+            valid = c[c > 0]
+            reranked[s + r, :len(valid)] = valid[np.argsort(-sc, kind="stable")]
+    targets = task.targets[:n]
+    ranker_ndcg, retrieval_ndcg = ndcg_at_k(reranked, targets, k), ndcg_at_k(cands, targets, k)
+    return {"serve": "ranker" if ranker_ndcg >= retrieval_ndcg else "retrieval",
+            f"ranker_ndcg@{k}": float(ranker_ndcg), f"retrieval_ndcg@{k}": float(retrieval_ndcg),
+            "users": int(n), "candidates": int(cands.shape[1])}

@@ -15,7 +15,7 @@ from training.data.examples import add_sampled_negatives, impressions
 from training.data.features import engagements_of, in_stock, item_feature_table, item_lookups
 from training.fit.registry import load_model
 from training.metrics import evaluate_ranked
-from training.fit.offline_metrics import KS, evaluate_ranker, popularity_ranked
+from training.fit.offline_metrics import KS, ORDER_CANDIDATES, evaluate_ranker, popularity_ranked, serving_order
 from training.data.splits import temporal
 from training.models.ranker import MultiTaskRanker, RankerConfig
 from training.data.schemas import read_shop, snapshot_id
@@ -118,22 +118,29 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
 
     _log("evaluating on the held-out split")
     with torch.inference_mode():
-        retrieval = {cfg.retrieval_model: evaluate_ranked(retriever.recommend(task, max(KS)), task.targets, KS),
+        ranked = retriever.recommend(task, ORDER_CANDIDATES)
+        retrieval = {cfg.retrieval_model: evaluate_ranked(ranked, task.targets, KS),
                      "popularity": evaluate_ranked(popularity_ranked(task.popularity, task), task.targets, KS)}
         test_imp = impressions(shop.events, space, history, max_rows=200_000, seed=cfg.seed,
                                item_category=feats.category_idx)
         # Views after the cutoff, with histories frozen at the cutoff so nothing leaks from the test period.
         ranking = evaluate_ranker(ranker.eval(), test_imp.subset(test_imp.time_ms >= int(task.new_after_ms)))
+        # A ranker that orders retrieval's candidates worse than retrieval does is not served (issue 15).
+        order = serving_order(ranker, ranked, task)
+    if order["serve"] == "retrieval":
+        _log(f"WARNING: the ranker makes the list worse offline (NDCG@10 {order['ranker_ndcg@10']:.4f} against "
+             f"retrieval's own order {order['retrieval_ndcg@10']:.4f}): the version serves retrieval's order")
     metrics = {"retrieval": retrieval, "ranking": ranking, "eval_users": len(task.user_ids),
                "retrieval_model": cfg.retrieval_model,
                "protocol": "global temporal split, full-catalog ranking, already-seen items excluded",
                "training": {"retrieval": tower_info["history"], "ranker": ranker_hist,
                             "retrieval_validation": tower_info.get("validation")},
-               "ranker_shared_from": str(ranker_from) if shared is not None else None,
+               "ranker_shared_from": str(ranker_from) if shared is not None else None, "serving_order": order,
                "train_seconds": time.perf_counter() - t_start,
                "data_end_time": shop.meta.get("end_time")}  # serving's clock (training.request.clock)
     conditions = getattr(retriever, "conditions", None)  # the multi-interest model's explicit-condition settings
-    serving = {"model": cfg.retrieval_model, "conditions": conditions.to_dict() if conditions else {}}
+    serving = {"model": cfg.retrieval_model, "conditions": conditions.to_dict() if conditions else {},
+               "order": order["serve"]}
     path = write_bundle(bundles_dir, version, space, items_table(shop.catalog, space, task.popularity), tower, ranker,
                         metrics, snapshot_id(shop_dir), cfg.to_dict(), serving)
     _log(f"bundle {path} written in {time.perf_counter() - t_start:.0f}s")

@@ -14,29 +14,46 @@ from training.request.contracts import RankedList, RankRequest
 from training.request.forward import ForwardIndex
 
 
+ORDERS = ("ranker", "retrieval")
+
+
 class RankingCore:
     """One version's ranker and the catalog attributes its ranked lists carry."""
 
-    def __init__(self, model: torch.nn.Module, space: FeatureSpace, forward: ForwardIndex) -> None:
+    def __init__(self, model: torch.nn.Module, space: FeatureSpace, forward: ForwardIndex,
+                 order: str = "ranker") -> None:
         """Args:
             model: the bundle's ranker (eval mode); space: its feature space.
             forward: the version's item attributes, which the ranked lists carry to the policy.
+            order: "ranker" (its order) or "retrieval" (retrieval's own order and scores, when the version's
+                evaluation found the ranker makes the list worse: `training.fit.offline_metrics.serving_order`).
         """
-        self.model, self.space, self.forward = model, space, forward
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
+        self.model, self.space, self.forward, self.order = model, space, forward, order
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> "RankingCore":
-        return cls(bundle.ranker(), bundle.space, ForwardIndex(bundle.items))
+        return cls(bundle.ranker(), bundle.space, ForwardIndex(bundle.items),
+                   (bundle.config.get("retrieval") or {}).get("order", "ranker"))
 
     @torch.inference_mode()
     def rank(self, requests: Sequence[RankRequest]) -> list[RankedList]:
         """Ranks several requests in one pass; each answer holds its best `n_out` items, best first, plus every
         pinned item the catalog knows wherever it ranks (reason "pinned" unless retrieval also found it)."""
         pools = [self._pool(r) for r in requests]
+        if self.order == "retrieval":  # the candidates in retrieval's order, pinned items after them
+            return [self._ranked(r, idx, reasons, self._retrieval_scores(r, len(idx)), n)
+                    for r, (idx, reasons, n) in zip(requests, pools)]
         stacked = [np.concatenate([r.candidates.features[k] for r in requests]) for k in USER_INPUTS]  # (B, ...)
         known = self.forward.n_trained  # items added since the bundle score as the ranker's unknown item
         scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _, _ in pools])
         return [self._ranked(r, idx, reasons, s, n) for r, (idx, reasons, n), s in zip(requests, pools, scores)]
+
+    @staticmethod
+    def _retrieval_scores(req: RankRequest, n: int) -> np.ndarray:
+        """Scores that keep retrieval's order: decreasing with the candidate's position (pinned items last)."""
+        return (n - np.arange(n, dtype=np.float32)) / max(n, 1)
 
     def _pool(self, req: RankRequest) -> tuple[np.ndarray, list[str], int]:
         """Candidates, then the pinned items that are not candidates already (unknown ids are left out). A candidate

@@ -81,3 +81,39 @@ def test_ranking_leaves_out_a_candidate_it_has_not_heard_of_yet(bundle):
                        ("retrieval", "retrieval", "interest:1"))
     ranked = core.rank([RankRequest(cands, 1, (core.forward.item_ids[7],))])[0]
     assert sorted(ranked.reasons) == ["pinned", "retrieval"] and len(ranked.item_ids) == 2
+
+
+def test_a_version_that_serves_retrieval_order_keeps_the_candidates_order(bundle):
+    """The version's evaluation found its ranker makes the list worse: ranking keeps retrieval's order, pinned
+    items after the candidates, and still knows every item's attributes."""
+    core = RankingCore(bundle.ranker(), bundle.space, RankingCore.from_bundle(bundle).forward, order="retrieval")
+    features = RetrievalCore.from_bundle(bundle).encode(
+        RetrievalRequest({"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 4), 0.0)
+    cands = Candidates(features, np.asarray([9, 3, 7, 5], np.int64), np.zeros(4, np.float32),
+                       ("interest:0", "interest:1", "interest:0", "condition:category=c1"))
+    pinned = core.forward.item_ids[11]
+    ranked = core.rank([RankRequest(cands, 3, (pinned,))])[0]
+    ids = core.forward.item_ids
+    assert ranked.item_ids == [ids[9], ids[3], ids[7], pinned]  # the best 3 in retrieval's order, then the pinned
+    assert ranked.reasons == ["interest:0", "interest:1", "interest:0", "pinned"]
+    assert list(ranked.scores) == sorted(ranked.scores, reverse=True)
+    with pytest.raises(ValueError, match="order must be one of"):
+        RankingCore(bundle.ranker(), bundle.space, core.forward, order="random")
+
+
+def test_the_serving_order_check_prefers_retrieval_when_the_ranker_does_worse(bundle):
+    from training.data.splits import leave_last_out
+    from training.data.synthetic import generate_shop
+    from training.fit.offline_metrics import serving_order
+
+    task = leave_last_out(generate_shop("tiny", 0), max_users=60)
+    ranked = np.zeros((60, 500), np.int64)
+    rng = np.random.default_rng(0)
+    for u, t in enumerate(task.targets):  # retrieval puts the target first, 499 random others after it
+        others = rng.choice(np.setdiff1d(np.arange(1, task.space.n_items + 1), t), 499, replace=False)
+        ranked[u] = np.r_[t[:1], others]
+    out = serving_order(bundle.ranker(), ranked, task)  # an untrained ranker cannot beat a perfect first slot
+    assert out["serve"] == "retrieval" and out["retrieval_ndcg@10"] == pytest.approx(1.0)
+    assert out["ranker_ndcg@10"] < 1.0 and out["users"] == 60 and out["candidates"] == 500
+    worst = np.roll(ranked, -1, axis=1)  # the target last: any ranker order is at least as good
+    assert serving_order(bundle.ranker(), worst, task)["serve"] == "ranker"
