@@ -135,6 +135,21 @@ def _simulate(args: argparse.Namespace) -> None:
         raise RuntimeError(f"every session failed: {result['error_kinds']}")
 
 
+def _stamped_on_serving_clock(changes: list, root: Path, mode: str) -> list:
+    """New items without a creation time are created now on the serving clock of the shop's newest bundle (as
+    `POST /admin/items` stamps them), so a version on its data's time line counts them new for a week."""
+    import dataclasses
+
+    from training.request.clock import version_clock
+
+    manifests = sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not manifests:
+        return changes  # no bundle yet: the change log stamps the wall clock
+    now = version_clock(json.loads(manifests[-1].read_text()), mode).now()
+    return [dataclasses.replace(c, created_at=now) if c.op == "upsert" and c.created_at is None else c
+            for c in changes]
+
+
 def _items(args: argparse.Namespace) -> None:
     """`recsys items apply FILE.parquet`: the file's changes into the change log the shop's live versions follow."""
     import pyarrow.parquet as pq
@@ -158,7 +173,9 @@ def _items(args: argparse.Namespace) -> None:
         cfg = load_config(args.config)
         if not Path(cfg.data.dir).is_dir():
             raise FileNotFoundError(f"{cfg.data.dir}: no shop here (run `make demo`, or pass --log)")
-        spec = change_log_spec(cfg.serving, bundles_root(cfg, Path(cfg.data.dir)) / "any-version")
+        root = bundles_root(cfg, Path(cfg.data.dir))
+        spec = change_log_spec(cfg.serving, root / "any-version")
+        changes = _stamped_on_serving_clock(changes, root, cfg.serving.clock)
     if not spec:
         raise ValueError("serving.changes is off in this config: pass --log PATH_OR_REDIS_URL")
     log = open_change_log(spec)

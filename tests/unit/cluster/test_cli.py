@@ -57,3 +57,24 @@ def test_items_apply_writes_a_parquet_file_of_changes_to_the_log_and_names_a_bad
     with pytest.raises(SystemExit):
         main(["items", "apply", str(tmp_path / "not.parquet"), "--log", str(log)])
     assert "not a readable Parquet file" in capsys.readouterr().err
+
+
+def test_items_applied_from_the_cli_are_new_on_the_serving_clock_of_the_shops_bundles(tmp_path):
+    import json
+    import time
+
+    from cluster.cli import _stamped_on_serving_clock
+    from training.data.changes import ItemChange
+    from training.request.clock import parse_iso
+
+    changes = [ItemChange("upsert", "n1", "b", "c", 1.0), ItemChange("upsert", "n2", "b", "c", 1.0, created_at=5.0),
+               ItemChange("delete", "i3")]
+    assert _stamped_on_serving_clock(changes, tmp_path, "auto") == changes  # no bundle yet: left to the log
+    (tmp_path / "v1").mkdir()
+    trained = time.time() - 3600
+    (tmp_path / "v1" / "manifest.json").write_text(json.dumps({
+        "version": "v1", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(trained)),
+        "metrics": {"data_end_time": "2026-10-01T00:00:00Z"}}))
+    out = _stamped_on_serving_clock(changes, tmp_path, "auto")
+    want = parse_iso("2026-10-01T00:00:00Z") + 3600  # an hour after the data's end: the bundle is an hour old
+    assert abs(out[0].created_at - want) < 5 and out[1].created_at == 5.0 and out[2] == changes[2]
