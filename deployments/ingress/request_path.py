@@ -29,7 +29,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.ingress.routing import VersionStages
 from deployments.store import StoreClient, empty_state
 from training.request.contracts import ItemFilter, RankedList, RankRequest, RetrievalRequest, UserState
-from training.request.policy import apply_policy, request_rng
+from training.request.policy import SECONDS_PER_DAY, apply_policy, request_rng
 from training.request.policy_config import PolicyConfig
 
 RANKED_PER_K = 4  # the policy sees 4k ranked items (at least 100), room to sort bought items down and diversify
@@ -137,7 +137,9 @@ async def answer(user_id: str, context: dict, k: int, stages: VersionStages, sto
     retrieval_request = RetrievalRequest(state, context, candidates, item_filter)
     found = await _call("retrieval", lambda: stages.retrieval.retrieve.remote(retrieval_request), timeout_s)
     t2 = time.perf_counter()
-    rank_request = RankRequest(found, max(RANKED_PER_K * k, MIN_RANKED), tuple(policy.sponsored_items))
+    wants_new = policy.explore_epsilon > 0 or policy.min_new > 0  # the policy draws from the retrieved new items
+    new_since = (found.now or time.time()) - policy.new_item_days * SECONDS_PER_DAY if wants_new else None
+    rank_request = RankRequest(found, max(RANKED_PER_K * k, MIN_RANKED), tuple(policy.sponsored_items), new_since)
     ranked = await _call("ranking", lambda: stages.ranking.rank.remote(rank_request), timeout_s)
     t3 = time.perf_counter()
     now = found.now or time.time()  # retrieval's clock: the time line the version's data lives on

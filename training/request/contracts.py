@@ -64,7 +64,13 @@ class RankRequest:
     candidates: Candidates
     n_out: int  # the best n_out are returned (the policy needs room to down-sort and diversify)
     pinned_items: tuple[str, ...] = field(default_factory=tuple)  # e.g. sponsored item ids: scored and always kept
+    # With exploration or a novelty quota on: candidates created at or after this instant (unix seconds, serving
+    # clock) are kept beyond n_out too (at most MAX_NEW_KEPT, best first), so the policy's pool of new items is the
+    # retrieved new items, not only those the top n_out happen to hold. None keeps none.
+    new_since: float | None = None
 
+
+MAX_NEW_KEPT = 50
 
 @dataclass
 class RankedList:

@@ -10,7 +10,7 @@ import torch
 
 from training.data.features import USER_INPUTS, FeatureSpace
 from training.models.ranker import score_candidates
-from training.request.contracts import RankedList, RankRequest
+from training.request.contracts import MAX_NEW_KEPT, RankedList, RankRequest
 from training.request.forward import ForwardIndex
 
 
@@ -71,9 +71,15 @@ class RankingCore:
     def _ranked(self, req: RankRequest, item_idx: np.ndarray, reasons: list[str], scores: np.ndarray,
                 n_candidates: int) -> RankedList:
         order = np.argsort(-scores, kind="stable")
-        # The best n_out, and every pinned item wherever it ranks (they sit after the retrieved candidates).
-        order = order[(np.arange(len(order)) < req.n_out) | (order >= n_candidates)]
-        idx, f = item_idx[order], self.forward
+        f = self.forward
+        # The best n_out, and every pinned item wherever it ranks (they sit after the retrieved candidates), and the
+        # best new candidates below n_out for exploration and the novelty quota (`RankRequest.new_since`).
+        keep = (np.arange(len(order)) < req.n_out) | (order >= n_candidates)
+        if req.new_since is not None:
+            new_below = ~keep & (f.created_s[item_idx[order]] >= req.new_since)
+            keep |= new_below & (np.cumsum(new_below) <= MAX_NEW_KEPT)
+        order = order[keep]
+        idx = item_idx[order]
         return RankedList(f.item_ids[idx].tolist(), scores[order].astype(np.float32), f.brands[idx].tolist(),
                           f.categories[idx].tolist(), [reasons[i] for i in order], created_at=f.created_s[idx],
                           in_stock=f.in_stock[idx])

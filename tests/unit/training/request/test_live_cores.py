@@ -117,3 +117,22 @@ def test_the_serving_order_check_prefers_retrieval_when_the_ranker_does_worse(bu
     assert out["ranker_ndcg@10"] < 1.0 and out["users"] == 60 and out["candidates"] == 500
     worst = np.roll(ranked, -1, axis=1)  # the target last: any ranker order is at least as good
     assert serving_order(bundle.ranker(), worst, task)["serve"] == "ranker"
+
+
+def test_ranking_keeps_new_candidates_below_the_cut_for_the_policys_exploration(bundle):
+    """With `new_since`, the new candidates that rank below n_out come along (after the best n_out), so exploration
+    draws from every retrieved new item."""
+    core = RankingCore(bundle.ranker(), bundle.space, RankingCore.from_bundle(bundle).forward, order="retrieval")
+    features = RetrievalCore.from_bundle(bundle).encode(
+        RetrievalRequest({"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 6), 0.0)
+    created = core.forward.created_s
+    newest = np.argsort(-created[1:])[:2] + 1  # the two newest items of the catalog
+    old = [i for i in range(1, 40) if i not in newest][:4]
+    idx = np.asarray(old + list(newest), np.int64)  # the new ones retrieved last
+    cands = Candidates(features, idx, np.zeros(len(idx), np.float32), ("retrieval",) * len(idx))
+    since = float(created[newest].min())
+    plain = core.rank([RankRequest(cands, 3)])[0]
+    kept = core.rank([RankRequest(cands, 3, (), since)])[0]
+    ids = core.forward.item_ids
+    assert plain.item_ids == [ids[i] for i in old[:3]]
+    assert kept.item_ids == [ids[i] for i in old[:3]] + [ids[i] for i in newest]
