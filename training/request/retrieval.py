@@ -127,15 +127,20 @@ class RetrievalCore:
         return Candidates(features, idx.astype(np.int64), scores.astype(np.float32), tuple(reasons))
 
     def cold_start(self, features: dict[str, np.ndarray], k: int, allowed: np.ndarray | None = None) -> Candidates:
-        """Popular items, then new ones (up to COLD_START_EACH of each, within the filter), for a user with no
-        engagement."""
+        """Popular and new items taken in turn (up to COLD_START_EACH of each, within the filter), for a user with no
+        engagement. In turn, not popular first: a version that serves retrieval's order (its ranker lost offline)
+        still shows both."""
         popular, newest = self.by_popularity, self.newest
         allowed = self.forward.live() if allowed is None else allowed  # never a deleted item
         popular, newest = popular[allowed[popular]], newest[allowed[newest]]
         popular = popular[:COLD_START_EACH]
         new = newest[~np.isin(newest, popular)][:COLD_START_EACH]
-        idx = np.concatenate([popular, new])[:k]
-        reasons = (["cold_start:popular"] * len(popular) + ["cold_start:new"] * len(new))[:k]
+        turns = np.full((max(len(popular), len(new)), 2), -1, dtype=np.int64)  # row j: j-th popular, j-th new
+        turns[:len(popular), 0], turns[:len(new), 1] = popular, new
+        kinds = np.tile(np.array(["cold_start:popular", "cold_start:new"]), len(turns))
+        taken = turns.ravel() >= 0
+        idx = turns.ravel()[taken][:k]
+        reasons = kinds[taken][:k].tolist()
         return Candidates(features, idx.astype(np.int64), np.zeros(len(idx), np.float32), tuple(reasons),
                           cold_start=True)
 

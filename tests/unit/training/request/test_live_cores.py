@@ -136,3 +136,12 @@ def test_ranking_keeps_new_candidates_below_the_cut_for_the_policys_exploration(
     ids = core.forward.item_ids
     assert plain.item_ids == [ids[i] for i in old[:3]]
     assert kept.item_ids == [ids[i] for i in old[:3]] + [ids[i] for i in newest]
+
+
+def test_a_cold_start_list_takes_popular_and_new_items_in_turn(bundle):
+    core = RetrievalCore.from_bundle(bundle)
+    features = core.encode(RetrievalRequest({"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 6),
+                           0.0)
+    cold = core.cold_start(features, 6)
+    assert list(cold.reasons) == ["cold_start:popular", "cold_start:new"] * 3
+    assert cold.item_idx[0] == core.by_popularity[0] and len(set(cold.item_idx.tolist())) == 6
