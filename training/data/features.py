@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +43,15 @@ class TableSizes:
     n_actions: int
     n_ages: int
     n_query_buckets: int
+
+    def to_dict(self) -> dict:
+        """The config as plain values: what a bundle's config.json records."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TableSizes":
+        """The config of `to_dict` (a subclass with nested fields overrides it)."""
+        return cls(**d)
 
 
 def _vocab(values: Sequence[str]) -> dict[str, int]:

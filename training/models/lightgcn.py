@@ -20,7 +20,7 @@ mode) and `item_degree`, both buffers, so a bundle serves without the graph.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,13 +40,6 @@ class LightGCNConfig(TableSizes):
     n_layers: int = 2  # item -> user -> item hops; the paper found 2-3 layers best
     temperature: float = 1.0  # raw dot products, as in the paper
     neg_fraction: float = 0.0042  # sampled negatives when the catalog is too large for the full softmax
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LightGCNConfig":
-        return cls(**d)
 
 
 class LightGCN(nn.Module):

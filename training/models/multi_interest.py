@@ -16,7 +16,7 @@ query; `merge_interests` shares the top k between them by quota and records why 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,13 +53,6 @@ class MultiInterestConfig(TableSizes):
                          ("condition_share", 0 < self.condition_share <= 1)):
             if not ok:
                 raise ValueError(f"MultiInterestConfig.{name} is out of range: {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MultiInterestConfig":
-        return cls(**d)
 
 
 def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:

@@ -9,7 +9,7 @@ Papers: DeepFM (Guo et al. 2017), DCN-V2 (Wang et al. 2021), MMoE (Ma et al. 201
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -29,9 +29,6 @@ class BaselineConfig(TableSizes):
     cross_layers: int = 2  # DCNv2: two full-rank cross layers capture the pairwise and triple interactions
     experts: int = 4  # MMoE: as many experts as tasks
     task_weights: tuple[float, ...] = field(default=(1.0, 0.5, 1.0, 2.0))  # same ordering score as the ranker
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BaselineConfig":

@@ -17,7 +17,7 @@ position term is left out, which is the neutral value: the score estimates relev
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -60,9 +60,6 @@ class RankerConfig(TableSizes):
             raise ValueError(f"RankerConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         if not 0.0 <= self.position_dropout <= 1.0:
             raise ValueError(f"RankerConfig.position_dropout must be in [0, 1], got {self.position_dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RankerConfig":

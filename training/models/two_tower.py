@@ -13,7 +13,7 @@ the catalog per batch, with logQ correction, optionally mixed with in-batch nega
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -31,13 +31,6 @@ class TwoTowerConfig(TableSizes):
     dim: int = 64  # output dimension: 64 floats per item keep a 1M-item flat index at 256 MB
     hidden: int = 128
     temperature: float = 0.1  # best of 0.05 / 0.1 on the demo shop's held-out NDCG@10
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TwoTowerConfig":
-        return cls(**d)
 
 
 class TwoTower(nn.Module):
