@@ -145,7 +145,9 @@ def test_admin_change_reaches_every_replica_at_once_with_no_failed_request(admin
         while not stop.is_set():
             for u in users:
                 r = post(admin_stack, "/recommend", {"user_id": u, "k": 10})
-                shed = r.status_code == 503 and "Retry-After" in r.headers and "overloaded" in r.text
+                # A shed comes from the ingress's own admission ("overloaded") or, when the ingress replicas' queue
+                # is full, from Serve's proxy ("Request dropped due to backpressure"): both 503 with Retry-After.
+                shed = r.status_code == 503 and "Retry-After" in r.headers
                 statuses.append("shed" if shed else r.status_code if r.status_code == 200 else r.text[:300])
                 if shed:
                     time.sleep(float(r.headers["Retry-After"]))
