@@ -33,13 +33,15 @@ def popularity_ranked(popularity: np.ndarray, ev: EvalSet, k: int = max(KS)) -> 
 
 
 @torch.inference_mode()
-def evaluate_ranker(model: MultiTaskRanker, imp: Impressions, chunk: int = 65536) -> dict[str, dict[str, float]]:
-    """AUC and log-loss per task on held-out impressions."""
+def evaluate_ranker(model: MultiTaskRanker, imp: Impressions, chunk: int = 65536,
+                    retrieval_score: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """AUC and log-loss per task on held-out impressions (`retrieval_score`: theirs, for a ranker that takes it)."""
     probs = []
     for s in range(0, len(imp), chunk):
         user = model.encode_user(*(torch.from_numpy(a[s:s + chunk])
                                    for a in (imp.hist_items, imp.hist_actions, imp.hist_ages, imp.context)))
-        probs.append(torch.sigmoid(model.score(user, torch.from_numpy(imp.item[s:s + chunk]))).numpy())
+        rs = None if retrieval_score is None else torch.from_numpy(retrieval_score[s:s + chunk])
+        probs.append(torch.sigmoid(model.score(user, torch.from_numpy(imp.item[s:s + chunk]), rs)).numpy())
     p = np.concatenate(probs) if probs else np.zeros((0, len(TASKS)), dtype=np.float32)
     return {task: {"auc": roc_auc(imp.labels[:, j], p[:, j]), "log_loss": log_loss(imp.labels[:, j], p[:, j]),
                    "positives": int(imp.labels[:, j].sum())} for j, task in enumerate(TASKS)}
@@ -51,16 +53,18 @@ ORDER_CANDIDATES = 500
 
 @torch.inference_mode()
 def serving_order(ranker: torch.nn.Module, ranked: np.ndarray, task, k: int = 10,
-                  max_users: int = ORDER_USERS) -> dict:
+                  max_users: int = ORDER_USERS, retriever: torch.nn.Module | None = None) -> dict:
     """Which order a version serves: the ranker's order of retrieval's candidates, or retrieval's own order when
     the ranker makes the list worse offline (NDCG@k against the held-out targets, same users and candidates).
 
     Args:
         ranker: the version's ranker (eval mode); ranked: (n_users, >= ORDER_CANDIDATES) retrieval's lists for the
             task's users, best first, 0 = none; task: the held-out task (`user_inputs`, `targets`).
+        retriever: the version's retrieval model, whose scores a ranker with `retrieval_feature` takes.
     Returns:
         {"serve": "ranker" | "retrieval", "ranker_ndcg@10", "retrieval_ndcg@10", "users", "candidates"}.
     """
+    from training.fit.ranker_data import item_matrix, retrieval_scores
     from training.metrics import ndcg_at_k
     from training.models.ranker import score_candidates
 
@@ -68,9 +72,18 @@ def serving_order(ranker: torch.nn.Module, ranked: np.ndarray, task, k: int = 10
     cands = np.asarray(ranked[:n, :ORDER_CANDIDATES], dtype=np.int64)
     inputs = task.user_inputs(slice(0, n))
     reranked = np.zeros_like(cands)
+    uses_score = getattr(getattr(ranker, "config", None), "retrieval_feature", False)
+    if uses_score and retriever is None:
+        raise ValueError("serving_order: this ranker takes retrieval scores; pass the version's retriever")
+    V = item_matrix(retriever, task.space.n_items) if uses_score else None
     for s in range(0, n, 64):
         rows = slice(s, min(s + 64, n))
-        scores = score_candidates(ranker, *(a[rows] for a in inputs), [c[c > 0] for c in cands[rows]])
+        lists = [c[c > 0] for c in cands[rows]]
+        rs = None
+        if uses_score:
+            dots = retrieval_scores(retriever, tuple(a[rows] for a in inputs), cands[rows], V)
+            rs = [d[c > 0] for d, c in zip(dots, cands[rows])]
+        scores = score_candidates(ranker, *(a[rows] for a in inputs), lists, rs)
         for r, (c, sc) in enumerate(zip(cands[rows], scores)):
             valid = c[c > 0]
             reranked[s + r, :len(valid)] = valid[np.argsort(-sc, kind="stable")]

@@ -42,6 +42,11 @@ class TrainConfig:
     ranker_lr: float = 3e-3
     ranker_max_impressions: int = 300_000  # a uniform sample of views bounds ranker time on big shops
     ranker_negatives_per_view: float = 1.0  # unshown items added as negatives per view (exposure bias)
+    # Where those negatives come from: "retrieved" (uniformly among the version's retrieval top
+    # `ranker_candidate_depth` for the view's user state: what a served list is made of) or "uniform" (the catalog).
+    ranker_negatives: str = "retrieved"
+    ranker_candidate_depth: int = 500  # as many as serving's candidates
+    ranker_retrieval_feature: bool = True  # the ranker sees each candidate's retrieval score (training.fit.ranker_data)
     dim: int = 64
     history_len: int = 20
     test_fraction: float = 0.1  # the newest 10% of events are held out
@@ -50,8 +55,17 @@ class TrainConfig:
     storage_path: str = "runs"  # Ray Train checkpoints; must be shared storage on a multi-node cluster
     progress: bool = True  # a tqdm bar per epoch on rank 0
 
+    def __post_init__(self) -> None:
+        if self.ranker_negatives not in RANKER_NEGATIVES:
+            raise ValueError(f"ranker_negatives must be one of {list(RANKER_NEGATIVES)}, got {self.ranker_negatives!r}")
+        if self.ranker_candidate_depth < 1:
+            raise ValueError(f"ranker_candidate_depth must be >= 1, got {self.ranker_candidate_depth}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+RANKER_NEGATIVES = ("retrieved", "uniform")
 
 
 @dataclass(frozen=True)

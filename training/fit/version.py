@@ -13,6 +13,7 @@ import torch
 from training.fit.bundle import BUNDLE_FORMAT, check_version, load_bundle, write_bundle
 from training.data.examples import add_sampled_negatives, impressions
 from training.data.features import engagements_of, in_stock, item_feature_table, item_lookups
+from training.fit.ranker_data import retrieved_negatives, with_retrieval_scores
 from training.fit.registry import load_model
 from training.metrics import evaluate_ranked
 from training.fit.offline_metrics import KS, ORDER_CANDIDATES, evaluate_ranker, popularity_ranked, serving_order
@@ -46,21 +47,37 @@ def training_run_id(shop_dir: str | Path, cfg: TrainConfig) -> str:
 
 
 RANKER_SETTINGS = ("ranker_epochs", "ranker_batch_size", "ranker_lr", "ranker_max_impressions",
-                   "ranker_negatives_per_view", "history_len", "test_fraction")  # what a shared ranker must match
+                   "ranker_negatives_per_view", "ranker_negatives", "ranker_candidate_depth",
+                   "ranker_retrieval_feature", "history_len", "test_fraction")  # what a shared ranker must match
 
 
-def train_ranker(task, history, cfg: TrainConfig, run_name: str) -> tuple[torch.nn.Module, list[dict]]:
-    """The multi-task ranker on the task's logged views, each with `ranker_negatives_per_view` unshown items."""
+def train_ranker(task, history, cfg: TrainConfig, run_name: str,
+                 retriever: torch.nn.Module | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """The multi-task ranker on the task's logged views, each with `ranker_negatives_per_view` unshown items:
+    drawn from `retriever`'s top candidates for the view's user state (`cfg.ranker_negatives` "retrieved") or from
+    the catalog, and with `retriever`'s score of every example as a feature when `cfg.ranker_retrieval_feature`."""
     space, feats = task.space, task.item_features
+    needs_retriever = cfg.ranker_negatives == "retrieved" or cfg.ranker_retrieval_feature
+    if needs_retriever and retriever is None:
+        raise ValueError("train_ranker: retrieved negatives and the retrieval feature need the version's retriever")
     views = impressions(task.train_events, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
                         item_category=feats.category_idx)
     # Unshown items as negatives: logged views all come from the user's interests, so without them a ranker never
-    # learns that an off-interest candidate is bad (exposure bias; see training.evaluation.ranking).
-    ranker_data = add_sampled_negatives(views, space.n_items, cfg.ranker_negatives_per_view, cfg.seed)
-    _log(f"{len(ranker_data):,} ranker examples ({len(views):,} views and their sampled negatives)")
-    spec = FitSpec(RANKER, RankerConfig(**space.sizes).to_dict(), MultiTaskRanker.TRAIN_INPUTS,
+    # learns that an off-interest candidate is bad (exposure bias; see training.evaluation.ranking); drawn from
+    # retrieval's candidates, they are what the ranker has to order at serving (training.fit.ranker_data).
+    if cfg.ranker_negatives == "retrieved":
+        with torch.inference_mode():
+            ranker_data = retrieved_negatives(views, retriever.eval(), space.n_items, cfg.ranker_negatives_per_view,
+                                              cfg.ranker_candidate_depth, cfg.seed)
+    else:
+        ranker_data = add_sampled_negatives(views, space.n_items, cfg.ranker_negatives_per_view, cfg.seed)
+    _log(f"{len(ranker_data):,} ranker examples ({len(views):,} views and their {cfg.ranker_negatives} negatives)")
+    config = RankerConfig(**space.sizes, retrieval_feature=cfg.ranker_retrieval_feature)
+    arrays = (with_retrieval_scores(ranker_data, retriever.eval(), space.n_items) if cfg.ranker_retrieval_feature
+              else ranker_data.as_dict())
+    spec = FitSpec(RANKER, config.to_dict(), MultiTaskRanker.train_inputs(config),
                    cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr)
-    state, hist = fit_on_ray(spec, ranker_data.as_dict() | item_lookups(feats), cfg, run_name)
+    state, hist = fit_on_ray(spec, arrays | item_lookups(feats), cfg, run_name)
     ranker = build_model(spec.model, spec.model_config)
     ranker.load_state_dict(state)
     return ranker, hist
@@ -68,10 +85,14 @@ def train_ranker(task, history, cfg: TrainConfig, run_name: str) -> tuple[torch.
 
 def shared_ranker(bundle_dir: str | Path, shop_dir: str | Path,
                   cfg: TrainConfig) -> tuple[torch.nn.Module, list[dict]] | None:
-    """The ranker of an earlier bundle when it was trained on the same data with the same ranker settings."""
+    """The ranker of an earlier bundle when it was trained on the same data with the same ranker settings, and,
+    when it learns from retrieval (its negatives or its score feature), with the same retrieval model too."""
     other = load_bundle(bundle_dir)
+    keys = RANKER_SETTINGS
+    if cfg.ranker_negatives == "retrieved" or cfg.ranker_retrieval_feature:
+        keys = tuple(k for k in cfg.to_dict() if k not in ("storage_path", "progress"))  # the whole training run
     same = other.manifest["data_snapshot"] == snapshot_id(shop_dir) and all(
-        other.config["train"].get(k) == getattr(cfg, k) for k in RANKER_SETTINGS)
+        other.config["train"].get(k) == getattr(cfg, k) for k in keys)
     if not same:
         return None
     return other.ranker(), other.metrics.get("training", {}).get("ranker", [])
@@ -114,7 +135,7 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
         ranker, ranker_hist = shared
         _log(f"ranker shared from {ranker_from} (same data and ranker settings): not trained again")
     else:
-        ranker, ranker_hist = train_ranker(task, history, cfg, f"{version}-ranker-{run_id}")
+        ranker, ranker_hist = train_ranker(task, history, cfg, f"{version}-ranker-{run_id}", tower)
 
     _log("evaluating on the held-out split")
     with torch.inference_mode():
@@ -124,9 +145,12 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
         test_imp = impressions(shop.events, space, history, max_rows=200_000, seed=cfg.seed,
                                item_category=feats.category_idx)
         # Views after the cutoff, with histories frozen at the cutoff so nothing leaks from the test period.
-        ranking = evaluate_ranker(ranker.eval(), test_imp.subset(test_imp.time_ms >= int(task.new_after_ms)))
-        # A ranker that orders retrieval's candidates worse than retrieval does is not served (issue 15).
-        order = serving_order(ranker, ranked, task)
+        test_imp = test_imp.subset(test_imp.time_ms >= int(task.new_after_ms))
+        test_scores = (with_retrieval_scores(test_imp, tower.eval(), space.n_items)["retrieval_score"]
+                       if ranker.config.retrieval_feature else None)
+        ranking = evaluate_ranker(ranker.eval(), test_imp, retrieval_score=test_scores)
+        # A ranker that orders retrieval's candidates worse than retrieval does is not served.
+        order = serving_order(ranker, ranked, task, retriever=tower)
     if order["serve"] == "retrieval":
         _log(f"WARNING: the ranker makes the list worse offline (NDCG@10 {order['ranker_ndcg@10']:.4f} against "
              f"retrieval's own order {order['retrieval_ndcg@10']:.4f}): the version serves retrieval's order")

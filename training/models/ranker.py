@@ -10,6 +10,13 @@ per-candidate step, so 500 candidates cost one encoder pass plus one batched att
 Heads: one logit per task in `TASKS`, each a sigmoid trained with binary cross-entropy, weighted per task in the
 loss (`loss_weights`); the ordering score is the `task_weights`-weighted sum of probabilities.
 
+Retrieval's score as a feature (`retrieval_feature`): the ranker re-orders retrieval's candidates, so it sees what
+retrieval thought of each one: the dot product of the version's user and item towers, standardised with the training
+data's mean and spread. It enters the head beside the learned features and as a direct per-task linear logit, so
+the ranker can keep retrieval's order where it has nothing better and correct it where the sequence and the context
+say more. Trained on retrieval's own candidates as negatives (`training.fit.ranker_data`), this is the classic
+two-stage set-up where the second stage learns from what the first one brings.
+
 Position debiasing (the shallow tower of PAL, Guo et al. 2019 / YouTube's "Recommending what video to watch next"):
 in training, the logged display position adds a per-task logit from a shallow position tower; the position is
 dropped (set to "unknown") for a share of examples so the main model is never a function of it. At serving the
@@ -50,6 +57,9 @@ class RankerConfig(TableSizes):
     task_weights: tuple[float, ...] = field(default=(1.0, 0.5, 1.0, 2.0))
     # Weights of the per-task losses; equal by default, raise one to spend more capacity on that task.
     loss_weights: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 1.0))
+    # The candidate's retrieval score (user tower . item tower of the version's retrieval model) as an input; the
+    # model then needs `retrieval_score` in training and at serving. False: the ranker of bundles before it.
+    retrieval_feature: bool = False
 
     def __post_init__(self) -> None:
         for name in ("task_weights", "loss_weights"):
@@ -89,6 +99,11 @@ class MultiTaskRanker(nn.Module):
 
     TRAIN_INPUTS = ("hist_items", "hist_actions", "hist_ages", "context", "item", "position", "labels")
 
+    @classmethod
+    def train_inputs(cls, config: RankerConfig) -> tuple[str, ...]:
+        """The data arrays `forward` takes, in order, for a model of this config."""
+        return cls.TRAIN_INPUTS + (("retrieval_score",) if config.retrieval_feature else ())
+
     def __init__(self, config: RankerConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -102,8 +117,13 @@ class MultiTaskRanker(nn.Module):
         self.item_proj = nn.Linear(4 * D, D)
         self.query = nn.Linear(D, D, bias=False)
         # Input: user summary, target-attended history, candidate, and attended * candidate (explicit interaction).
-        self.head = nn.Sequential(nn.Linear(4 * D, c.hidden), nn.GELU(), nn.Dropout(c.dropout),
+        extra = 1 if c.retrieval_feature else 0  # the standardised retrieval score
+        self.head = nn.Sequential(nn.Linear(4 * D + extra, c.hidden), nn.GELU(), nn.Dropout(c.dropout),
                                   nn.Linear(c.hidden, len(TASKS)))
+        if c.retrieval_feature:
+            self.retrieval_logit = nn.Linear(1, len(TASKS))  # the direct path: a monotone use of retrieval's order
+            self.register_buffer("retrieval_mean", torch.zeros(()))
+            self.register_buffer("retrieval_std", torch.ones(()))
         if c.position_debias:
             # Shallow on purpose: a position embedding and a linear map, no bias, so "unknown" adds exactly zero.
             self.position = nn.Sequential(nn.Embedding(c.n_positions, 8, padding_idx=0), nn.Dropout(c.dropout),
@@ -116,8 +136,15 @@ class MultiTaskRanker(nn.Module):
         return cls(RankerConfig.from_dict(d))
 
     def prepare(self, data: dict) -> None:
-        """Fills the item lookups from the training arrays (see `training.fit.train_loop`)."""
+        """Fills the item lookups from the training arrays (see `training.fit.train_loop`), and with the retrieval
+        feature the mean and spread its scores are standardised with."""
         self.items.fill_item_features(data)
+        if self.config.retrieval_feature:
+            if "retrieval_score" not in data:
+                raise ValueError("a ranker with retrieval_feature needs a 'retrieval_score' array to train on")
+            s = np.asarray(data["retrieval_score"], dtype=np.float64)
+            self.retrieval_mean.fill_(float(s.mean()) if len(s) else 0.0)
+            self.retrieval_std.fill_(max(float(s.std()), 1e-6) if len(s) else 1.0)
 
     def set_item_features(self, brand: torch.Tensor, category: torch.Tensor, price: torch.Tensor) -> None:
         self.items.set_item_features(brand, category, price)
@@ -136,12 +163,15 @@ class MultiTaskRanker(nn.Module):
         """(...,) item indices -> (..., D)."""
         return self.item_proj(torch.cat(self.items.parts(item), dim=-1))
 
-    def score(self, user: EncodedUser, items: torch.Tensor) -> torch.Tensor:
+    def score(self, user: EncodedUser, items: torch.Tensor,
+              retrieval_score: torch.Tensor | None = None) -> torch.Tensor:
         """Task logits without any position term (the serving score).
 
         Args:
             user: B encoded requests.
             items: (B, M) candidates of each request, or (B,) one candidate per request.
+            retrieval_score: the candidates' retrieval scores, shaped like `items`; required with
+                `retrieval_feature`, ignored without it.
         Returns:
             (B, M, T) logits, or (B, T) for (B,) items.
         """
@@ -152,13 +182,23 @@ class MultiTaskRanker(nn.Module):
         att = att.masked_fill(~user.mask.unsqueeze(1), float("-inf")).softmax(-1)
         pooled = att @ user.values  # (B, M, D): the history as seen from each candidate
         summary = user.summary.unsqueeze(1).expand_as(v)  # (B, M, D), a view: no copy per candidate
-        logits = self.head(torch.cat([summary, pooled, v, pooled * v], dim=-1))  # (B, M, T)
+        parts = [summary, pooled, v, pooled * v]
+        if self.config.retrieval_feature:
+            if retrieval_score is None:
+                raise ValueError("this ranker was trained with retrieval_feature: pass the candidates' "
+                                 "retrieval_score")
+            s = retrieval_score.to(v.dtype).reshape(items.shape).unsqueeze(-1)  # (B, M, 1)
+            s = (s - self.retrieval_mean) / self.retrieval_std
+            parts.append(s)
+        logits = self.head(torch.cat(parts, dim=-1))  # (B, M, T)
+        if self.config.retrieval_feature:
+            logits = logits + self.retrieval_logit(s)
         return logits[:, 0] if one else logits
 
     def logits(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
-               context: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+               context: torch.Tensor, item: torch.Tensor, retrieval_score: torch.Tensor | None = None) -> torch.Tensor:
         """(N, L) x3, (N, C), (N,) one impression per row -> (N, T) serving logits."""
-        return self.score(self.encode_user(hist_items, hist_actions, hist_ages, context), item)
+        return self.score(self.encode_user(hist_items, hist_actions, hist_ages, context), item, retrieval_score)
 
     def position_logits(self, position: torch.Tensor) -> torch.Tensor:
         """(N,) logged positions -> (N, T) additive training-only logits (zeros without the position tower)."""
@@ -181,15 +221,17 @@ class MultiTaskRanker(nn.Module):
 
     def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
                 context: torch.Tensor, item: torch.Tensor, position: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        """Training loss for (B,) impressions (`TRAIN_INPUTS`): (B, T) labels, position -1 when not logged."""
-        logits = self.logits(hist_items, hist_actions, hist_ages, context, item) + self.position_logits(position)
+                labels: torch.Tensor, retrieval_score: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss for (B,) impressions (`train_inputs`): (B, T) labels, position -1 when not logged."""
+        logits = (self.logits(hist_items, hist_actions, hist_ages, context, item, retrieval_score)
+                  + self.position_logits(position))
         return self.loss(logits, labels)
 
 
 @torch.inference_mode()
 def score_candidates(model: MultiTaskRanker, hist_items: np.ndarray, hist_actions: np.ndarray, hist_ages: np.ndarray,
-                     context: np.ndarray, candidates: list[np.ndarray]) -> list[np.ndarray]:
+                     context: np.ndarray, candidates: list[np.ndarray],
+                     retrieval_scores: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Ordering scores for several requests' candidate lists in one forward pass, without the position term.
 
     Each request's history is encoded once and shared by all its candidates; the lists are padded to one (B, M)
@@ -198,6 +240,7 @@ def score_candidates(model: MultiTaskRanker, hist_items: np.ndarray, hist_action
     Args:
         hist_items, hist_actions, hist_ages: (B, L) per request; context: (B, C).
         candidates: B arrays of item indices, any lengths.
+        retrieval_scores: B arrays aligned with `candidates` (a ranker with `retrieval_feature` needs them).
     Returns:
         B float32 arrays of combined scores, aligned with `candidates`.
     """
@@ -209,5 +252,13 @@ def score_candidates(model: MultiTaskRanker, hist_items: np.ndarray, hist_action
     items = np.zeros((len(candidates), max(lengths, default=0)), dtype=np.int64)  # (B, M), padded with item 0
     for r, c in enumerate(candidates):
         items[r, :len(c)] = c
-    scores = model.combined(model.score(user, torch.from_numpy(items))).numpy()  # (B, M)
+    rs = None
+    if retrieval_scores is not None:
+        if [len(s) for s in retrieval_scores] != lengths:
+            raise ValueError("retrieval_scores: each list must be as long as its candidates")
+        rs = np.zeros(items.shape, dtype=np.float32)
+        for r, s in enumerate(retrieval_scores):
+            rs[r, :len(s)] = s
+        rs = torch.from_numpy(rs)
+    scores = model.combined(model.score(user, torch.from_numpy(items), rs)).numpy()  # (B, M)
     return [scores[r, :n] for r, n in enumerate(lengths)]

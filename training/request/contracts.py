@@ -50,11 +50,16 @@ class Candidates:
     version: str = ""  # the bundle version whose user tower retrieved them ("" outside serving)
     index_version: str = ""  # the version whose index they were searched in
     now: float = 0.0  # the serving clock's instant the request was encoded at (training.request.clock); 0 = unset
+    # (m,) float32 user tower . item tower of each candidate, whatever query found it (an interest, a condition, a
+    # cold start): the retrieval score a ranker with `retrieval_feature` was trained on. None: not computed.
+    user_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.item_idx) == len(self.scores) == len(self.reasons)):
             raise ValueError(f"Candidates: item_idx, scores and reasons differ in length: {len(self.item_idx)}, "
                              f"{len(self.scores)}, {len(self.reasons)}")
+        if self.user_scores is not None and len(self.user_scores) != len(self.item_idx):
+            raise ValueError(f"Candidates: {len(self.user_scores)} user_scores for {len(self.item_idx)} items")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class RankingCore:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
         self.model, self.space, self.forward, self.order = model, space, forward, order
+        self.uses_retrieval_score = bool(getattr(getattr(model, "config", None), "retrieval_feature", False))
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> "RankingCore":
@@ -47,8 +48,22 @@ class RankingCore:
                     for r, (idx, reasons, n) in zip(requests, pools)]
         stacked = [np.concatenate([r.candidates.features[k] for r in requests]) for k in USER_INPUTS]  # (B, ...)
         known = self.forward.n_trained  # items added since the bundle score as the ranker's unknown item
-        scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _, _ in pools])
+        retrieval = ([self._user_scores(r, len(idx)) for r, (idx, _, _) in zip(requests, pools)]
+                     if self.uses_retrieval_score else None)
+        scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _, _ in pools],
+                                  retrieval)
         return [self._ranked(r, idx, reasons, s, n) for r, (idx, reasons, n), s in zip(requests, pools, scores)]
+
+    def _user_scores(self, req: RankRequest, n: int) -> np.ndarray:
+        """The pool's retrieval scores (`Candidates.user_scores`) for a ranker that takes them; a pinned item that
+        retrieval did not bring gets the lowest candidate's score (retrieval ranked it below all of them)."""
+        cands = req.candidates
+        if cands.user_scores is None:
+            raise ValueError("ranking: this version's ranker takes retrieval scores, and the candidates carry none "
+                             "(Candidates.user_scores)")
+        s = cands.user_scores[cands.item_idx < len(self.forward.item_ids)]  # as `_pool` keeps them
+        low = float(s.min()) if len(s) else 0.0
+        return np.concatenate([s, np.full(n - len(s), low, np.float32)]).astype(np.float32)
 
     @staticmethod
     def _retrieval_scores(req: RankRequest, n: int) -> np.ndarray:

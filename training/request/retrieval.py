@@ -121,10 +121,14 @@ class RetrievalCore:
             I = np.where(self.forward.deleted[np.maximum(I, 0)], -1, I)
         if self.multi_interest:
             idx, scores, reasons = merge_queries(D, I, q, 1, k, self.item_category, self.conditions.min_score)[0]
+            user = None
         else:
             keep = I[0] >= 0
             idx, scores, reasons = I[0][keep], D[0][keep], ["retrieval"] * int(keep.sum())
-        return Candidates(features, idx.astype(np.int64), scores.astype(np.float32), tuple(reasons))
+            user = q.xq[0] if q is not None else None
+        idx = idx.astype(np.int64)
+        return Candidates(features, idx, scores.astype(np.float32), tuple(reasons),
+                          user_scores=self.user_scores(features, idx, user))
 
     def cold_start(self, features: dict[str, np.ndarray], k: int, allowed: np.ndarray | None = None) -> Candidates:
         """Popular and new items taken in turn (up to COLD_START_EACH of each, within the filter), for a user with no
@@ -141,8 +145,21 @@ class RetrievalCore:
         taken = turns.ravel() >= 0
         idx = turns.ravel()[taken][:k]
         reasons = kinds[taken][:k].tolist()
-        return Candidates(features, idx.astype(np.int64), np.zeros(len(idx), np.float32), tuple(reasons),
-                          cold_start=True)
+        idx = idx.astype(np.int64)
+        return Candidates(features, idx, np.zeros(len(idx), np.float32), tuple(reasons), cold_start=True,
+                          user_scores=self.user_scores(features, idx))
+
+    @torch.inference_mode()
+    def user_scores(self, features: dict[str, np.ndarray], idx: np.ndarray,
+                    user: np.ndarray | None = None) -> np.ndarray:
+        """(m,) user tower . item tower of the candidates (`Candidates.user_scores`): the number the ranker's
+        training examples carry (`training.fit.ranker_data.retrieval_scores`), from the items' current attributes.
+        `user`: the request's user vector when the caller has it (the single-vector query)."""
+        if len(idx) == 0:
+            return np.zeros(0, np.float32)
+        if user is None:
+            user = self.model.user_tower(*(torch.tensor(features[name]) for name in USER_INPUTS)).numpy()[0]
+        return (self.item_vectors(idx) @ np.asarray(user, np.float32)).astype(np.float32)
 
     @torch.inference_mode()
     def item_vectors(self, idx: np.ndarray) -> np.ndarray:

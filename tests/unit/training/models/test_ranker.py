@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.unit.training.models.model_helpers import SIZES, fit_full_batch, toy_batch
+from training.data.features import ITEM_LOOKUPS
 from training.models.ranker import TASKS, MultiTaskRanker, RankerConfig, position_bucket, score_candidates
 
 
@@ -116,3 +117,32 @@ def test_ranker_learns_a_planted_history_to_item_signal():
     with torch.inference_mode():
         p = torch.sigmoid(model.logits(hist, acts, acts, ctx, item))[:, 3]
     assert ((p > 0.5).float() == labels[:, 3]).float().mean() > 0.9
+
+
+def test_the_retrieval_feature_is_required_standardised_and_learnable():
+    torch.manual_seed(0)
+    model = MultiTaskRanker(RankerConfig(**SIZES, retrieval_feature=True, position_debias=False))
+    assert model.train_inputs(model.config)[-1] == "retrieval_score"
+    inputs = toy_batch(B=256, seed=4)
+    item = torch.randint(1, SIZES["n_items"], (256,))
+    with pytest.raises(ValueError, match="retrieval_score"):
+        model.logits(*inputs, item)
+    lookups = {k: np.zeros(SIZES["n_items"], np.int64) for k in ITEM_LOOKUPS}
+    with pytest.raises(ValueError, match="retrieval_score"):
+        model.prepare(lookups)
+    score = torch.randn(256) * 5.0 + 20.0  # far from standard: the buffers rescale it
+    model.prepare(lookups | {"retrieval_score": score.numpy()})
+    assert abs(model.retrieval_mean.item() - score.mean().item()) < 1e-4
+    assert abs(model.retrieval_std.item() - score.std(unbiased=False).item()) < 1e-4
+    labels = (score > 20.0).float()[:, None].expand(-1, len(TASKS)).contiguous()  # only the score says anything
+    fit_full_batch(model, (*inputs, item, torch.full((256,), -1), labels, score), steps=150, lr=1e-2)
+    model.eval()
+    p = torch.sigmoid(model.logits(*inputs, item, score))[:, 0]
+    assert p[labels[:, 0] == 1].min() > p[labels[:, 0] == 0].max() - 0.2 and p[labels[:, 0] == 1].mean() > 0.8
+    # score_candidates with per-candidate retrieval scores gives the per-row logits
+    rows = [np.asarray([int(item[r])]) for r in range(4)]
+    got = score_candidates(model, *(x[:4].numpy() for x in inputs), rows, [np.asarray([float(score[r])]) for r in range(4)])
+    want = model.combined(model.logits(*(x[:4] for x in inputs), item[:4], score[:4])).detach().numpy()
+    np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="as long"):
+        score_candidates(model, *(x[:4].numpy() for x in inputs), rows, [np.zeros(2)] * 4)

@@ -145,3 +145,29 @@ def test_a_cold_start_list_takes_popular_and_new_items_in_turn(bundle):
     cold = core.cold_start(features, 6)
     assert list(cold.reasons) == ["cold_start:popular", "cold_start:new"] * 3
     assert cold.item_idx[0] == core.by_popularity[0] and len(set(cold.item_idx.tolist())) == 6
+
+
+def test_serving_sends_the_ranker_the_retrieval_score_its_training_examples_carry(bundle):
+    from training.fit.ranker_data import retrieval_scores
+    from training.models.ranker import MultiTaskRanker, RankerConfig
+
+    core = RetrievalCore.from_bundle(bundle)
+    req = RetrievalRequest({"items": list(core.forward.item_ids[1:4]), "actions": ["click"] * 3,
+                            "timestamps": [1.0, 2.0, 3.0], "bought_at": {}}, {}, 20)
+    features = core.encode(req, 10.0)
+    q = core.queries(features)
+    idx = np.arange(1, 21)
+    cands = core.merge(features, q, np.zeros((1, 20), np.float32), idx[None, :], 20)
+    want = retrieval_scores(bundle.two_tower(), tuple(features[k] for k in ("hist_items", "hist_actions",
+                                                                            "hist_ages", "context")), idx[None, :])[0]
+    np.testing.assert_allclose(cands.user_scores, want, rtol=1e-4, atol=1e-5)
+    cold = core.cold_start(features, 5)
+    assert cold.user_scores is not None and len(cold.user_scores) == len(cold.item_idx)
+    ranker = MultiTaskRanker(RankerConfig(**bundle.space.sizes, retrieval_feature=True)).eval()
+    ranking = RankingCore(ranker, bundle.space, core.forward)
+    pinned = core.forward.item_ids[30]  # not a candidate: ranked with the lowest candidate's score
+    out = ranking.rank([RankRequest(cands, 30, pinned_items=(pinned,))])[0]
+    assert pinned in out.item_ids and len(out.item_ids) == 21
+    bare = Candidates(cands.features, cands.item_idx, cands.scores, cands.reasons)
+    with pytest.raises(ValueError, match="user_scores"):
+        ranking.rank([RankRequest(bare, 30)])
