@@ -87,8 +87,9 @@ def bundles_root(cfg: RecsysConfig, shop_dir: Path) -> Path:
 def ensure_bundles(cfg: RecsysConfig, shop_dir: Path, phases: Phases) -> dict[str, Path]:
     """Trains (or reuses, for the same data snapshot) one bundle per demo version, then builds each one's index.
 
-    With `demo.share_ranker`, versions after the first take the first version's ranker (same data, same ranker
-    settings) instead of training an identical one again: the versions differ in their retrieval models.
+    With `demo.share_ranker`, a version after the first takes the first version's ranker instead of training an
+    identical one again when it would learn the same (`training.fit.version.shared_ranker`): the same data and ranker
+    settings, and, since the ranker learns from retrieval's scores and candidates, the same retrieval model.
     """
     root = bundles_root(cfg, shop_dir)
     bundles: dict[str, Path] = {}
@@ -99,8 +100,7 @@ def ensure_bundles(cfg: RecsysConfig, shop_dir: Path, phases: Phases) -> dict[st
         else:
             train_cfg = version_train_config(cfg, version, i)
             ranker_from = next(iter(bundles.values()), None) if cfg.demo.share_ranker else None
-            console.rule(f"training {version} ({train_cfg.retrieval_model} + "
-                         f"{'shared ranker' if ranker_from else 'ranker'}) on Ray Train "
+            console.rule(f"training {version} ({train_cfg.retrieval_model} + ranker) on Ray Train "
                          f"({cfg.train.num_workers} workers)")
             with phases.timed(f"train {version}"):
                 train_version(shop_dir, root, version, train_cfg, ranker_from=ranker_from)
