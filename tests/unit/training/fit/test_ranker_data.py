@@ -78,3 +78,12 @@ def test_retrieved_negatives_come_from_the_rows_own_retrieval_top_and_keep_time_
                for a, b in zip(out.hist_items[neg], out.context[neg]))
     with pytest.raises(ValueError, match="ratio"):
         retrieved_negatives(imp, tower, SIZES["n_items"] - 1, ratio=-1.0, depth=5, seed=1)
+
+
+def test_train_config_names_a_bad_ranker_negatives_setting():
+    from training.fit.train_loop import TrainConfig
+
+    with pytest.raises(ValueError, match="ranker_negatives"):
+        TrainConfig(ranker_negatives="hard")
+    with pytest.raises(ValueError, match="ranker_candidate_depth"):
+        TrainConfig(ranker_candidate_depth=0)
