@@ -60,7 +60,8 @@ class RetrievalCore:
 
     def __init__(self, model: torch.nn.Module, space: FeatureSpace, item_category: np.ndarray,
                  popularity: np.ndarray, forward: ForwardIndex, model_name: str,
-                 conditions: ConditionConfig = ConditionConfig(), cache_size: int = 10_000) -> None:
+                 conditions: ConditionConfig = ConditionConfig(), cache_size: int = 10_000,
+                 score_for_ranker: bool = True) -> None:
         """Args:
             model: the bundle's retrieval model (eval mode).
             item_category: (n_items + 1,) category index per item index.
@@ -68,6 +69,8 @@ class RetrievalCore:
             forward: the version's item attributes: request filters and the newest items for cold start.
             model_name: the registry name the version was trained with; `MULTI_INTEREST` picks the multi-query path.
             conditions: the multi-interest model's explicit-condition settings (ignored otherwise).
+            score_for_ranker: fill `Candidates.user_scores` (about a millisecond per 500 candidates): only a version
+                whose ranker orders its list and takes retrieval scores needs them.
         """
         self.model, self.space, self.item_category = model, space, item_category
         self.multi_interest = model_name == MULTI_INTEREST
@@ -81,14 +84,18 @@ class RetrievalCore:
         self.by_popularity = np.argsort(-popularity, kind="stable") + 1  # item indices, most popular first
         self.newest = np.argsort(-forward.created_s[1:], kind="stable") + 1
         self.cache = QueryCache(cache_size)
+        self.score_for_ranker = score_for_ranker
 
     @classmethod
     def from_bundle(cls, bundle: Any) -> "RetrievalCore":
         """The core of a `training.fit.bundle.Bundle` (its retrieval model, items and recorded settings)."""
         retrieval = bundle.config.get("retrieval", {})
+        ranker_takes_scores = (bundle.config.get("ranker", {}).get("retrieval_feature", False)
+                               and retrieval.get("order", "ranker") == "ranker")
         return cls(bundle.two_tower(), bundle.space, bundle.item_features().category_idx,
                    bundle.items.column("popularity").to_numpy(), ForwardIndex(bundle.items),
-                   retrieval.get("model", ""), ConditionConfig.from_dict(retrieval.get("conditions")))
+                   retrieval.get("model", ""), ConditionConfig.from_dict(retrieval.get("conditions")),
+                   score_for_ranker=bool(ranker_takes_scores))
 
     def allowed(self, req: RetrievalRequest) -> np.ndarray | None:
         """(n_items + 1,) bool mask of the items the request's filter admits; None when it admits everything."""
@@ -128,7 +135,7 @@ class RetrievalCore:
             user = q.xq[0] if q is not None else None
         idx = idx.astype(np.int64)
         return Candidates(features, idx, scores.astype(np.float32), tuple(reasons),
-                          user_scores=self.user_scores(features, idx, user))
+                          user_scores=self.user_scores(features, idx, user) if self.score_for_ranker else None)
 
     def cold_start(self, features: dict[str, np.ndarray], k: int, allowed: np.ndarray | None = None) -> Candidates:
         """Popular and new items taken in turn (up to COLD_START_EACH of each, within the filter), for a user with no
@@ -147,7 +154,7 @@ class RetrievalCore:
         reasons = kinds[taken][:k].tolist()
         idx = idx.astype(np.int64)
         return Candidates(features, idx, np.zeros(len(idx), np.float32), tuple(reasons), cold_start=True,
-                          user_scores=self.user_scores(features, idx))
+                          user_scores=self.user_scores(features, idx) if self.score_for_ranker else None)
 
     @torch.inference_mode()
     def user_scores(self, features: dict[str, np.ndarray], idx: np.ndarray,

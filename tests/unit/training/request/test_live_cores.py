@@ -152,6 +152,8 @@ def test_serving_sends_the_ranker_the_retrieval_score_its_training_examples_carr
     from training.models.ranker import MultiTaskRanker, RankerConfig
 
     core = RetrievalCore.from_bundle(bundle)
+    assert not core.score_for_ranker  # this bundle's ranker takes no retrieval score: none is computed
+    core.score_for_ranker = True
     req = RetrievalRequest({"items": list(core.forward.item_ids[1:4]), "actions": ["click"] * 3,
                             "timestamps": [1.0, 2.0, 3.0], "bought_at": {}}, {}, 20)
     features = core.encode(req, 10.0)
