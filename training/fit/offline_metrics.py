@@ -52,6 +52,35 @@ ORDER_CANDIDATES = 500
 
 
 @torch.inference_mode()
+def ranker_reorder(ranker: torch.nn.Module, cands: np.ndarray, task, retriever: torch.nn.Module | None = None,
+                   rows: slice = slice(None)) -> np.ndarray:
+    """(n, M) retrieval's candidates `cands` (best first, 0 = none) re-ordered by the ranker's score, for the task's
+    users `rows` (their `user_inputs`); a ranker with `retrieval_feature` takes `retriever`'s scores."""
+    from training.fit.ranker_data import item_matrix, retrieval_scores
+    from training.models.ranker import score_candidates
+
+    cands = np.asarray(cands, dtype=np.int64)
+    n = len(cands)
+    inputs = tuple(a[:n] for a in task.user_inputs(rows))
+    reranked = np.zeros_like(cands)
+    uses_score = getattr(getattr(ranker, "config", None), "retrieval_feature", False)
+    if uses_score and retriever is None:
+        raise ValueError("serving_order: this ranker takes retrieval scores; pass the version's retriever")
+    V = item_matrix(retriever, task.space.n_items) if uses_score else None
+    for s in range(0, n, 64):
+        chunk = slice(s, min(s + 64, n))
+        lists = [c[c > 0] for c in cands[chunk]]
+        rs = None
+        if uses_score:
+            dots = retrieval_scores(retriever, tuple(a[chunk] for a in inputs), cands[chunk], V)
+            rs = [d[c > 0] for d, c in zip(dots, cands[chunk])]
+        scores = score_candidates(ranker, *(a[chunk] for a in inputs), lists, rs)
+        for r, (c, sc) in enumerate(zip(cands[chunk], scores)):
+            valid = c[c > 0]
+            reranked[s + r, :len(valid)] = valid[np.argsort(-sc, kind="stable")]
+    return reranked
+
+
 def serving_order(ranker: torch.nn.Module, ranked: np.ndarray, task, k: int = 10,
                   max_users: int = ORDER_USERS, retriever: torch.nn.Module | None = None) -> dict:
     """Which order a version serves: the ranker's order of retrieval's candidates, or retrieval's own order when
@@ -64,29 +93,11 @@ def serving_order(ranker: torch.nn.Module, ranked: np.ndarray, task, k: int = 10
     Returns:
         {"serve": "ranker" | "retrieval", "ranker_ndcg@10", "retrieval_ndcg@10", "users", "candidates"}.
     """
-    from training.fit.ranker_data import item_matrix, retrieval_scores
     from training.metrics import ndcg_at_k
-    from training.models.ranker import score_candidates
 
     n = min(len(ranked), max_users)
     cands = np.asarray(ranked[:n, :ORDER_CANDIDATES], dtype=np.int64)
-    inputs = task.user_inputs(slice(0, n))
-    reranked = np.zeros_like(cands)
-    uses_score = getattr(getattr(ranker, "config", None), "retrieval_feature", False)
-    if uses_score and retriever is None:
-        raise ValueError("serving_order: this ranker takes retrieval scores; pass the version's retriever")
-    V = item_matrix(retriever, task.space.n_items) if uses_score else None
-    for s in range(0, n, 64):
-        rows = slice(s, min(s + 64, n))
-        lists = [c[c > 0] for c in cands[rows]]
-        rs = None
-        if uses_score:
-            dots = retrieval_scores(retriever, tuple(a[rows] for a in inputs), cands[rows], V)
-            rs = [d[c > 0] for d, c in zip(dots, cands[rows])]
-        scores = score_candidates(ranker, *(a[rows] for a in inputs), lists, rs)
-        for r, (c, sc) in enumerate(zip(cands[rows], scores)):
-            valid = c[c > 0]
-            reranked[s + r, :len(valid)] = valid[np.argsort(-sc, kind="stable")]
+    reranked = ranker_reorder(ranker, cands, task, retriever, slice(0, n))
     targets = task.targets[:n]
     ranker_ndcg, retrieval_ndcg = ndcg_at_k(reranked, targets, k), ndcg_at_k(cands, targets, k)
     return {"serve": "ranker" if ranker_ndcg >= retrieval_ndcg else "retrieval",
