@@ -42,8 +42,10 @@ def _post(client: httpx.Client, path: str, body: dict) -> httpx.Response:
 
 
 def simulate(url: str, shop_dir: str | Path, sessions: int, seed: int = 0, k: int = 12, page: str = "home",
-             concurrency: int = 4, prefix: str = "sim") -> dict[str, Any]:
+             concurrency: int = 4, prefix: str = "sim", version: str | None = None) -> dict[str, Any]:
     """Runs `sessions` sessions against the service at `url`; returns the figures (and per-version rates).
+
+    `version` pins every request to that live version (the request's `version` field) instead of the split.
 
     Raises:
         ValueError: the shop has no hidden truth (not a synthetic shop), or bad arguments.
@@ -63,8 +65,8 @@ def simulate(url: str, shop_dir: str | Path, sessions: int, seed: int = 0, k: in
         srng = np.random.default_rng([seed, session])
         user = users[user_row]
         request_id = f"{prefix}-{seed}-{session}"
-        r = _post(client, "/recommend", {"user_id": user, "k": k, "request_id": request_id,
-                                         "context": {"page": page}})
+        body = {"user_id": user, "k": k, "request_id": request_id, "context": {"page": page}}
+        r = _post(client, "/recommend", body | ({"version": version} if version else {}))
         if r.status_code != 200:
             return {"error": f"/recommend HTTP {r.status_code}"}
         answer = r.json()
