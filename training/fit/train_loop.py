@@ -47,6 +47,9 @@ class TrainConfig:
     ranker_negatives: str = "retrieved"
     ranker_candidate_depth: int = 500  # as many as serving's candidates
     ranker_retrieval_feature: bool = True  # the ranker sees each candidate's retrieval score (training.fit.ranker_data)
+    # Which logged views the ranker learns from: "all", or "served": only those of the shop's served period (a loop
+    # shop's `served_from` on: the impressions the previous version served, `cluster/loop.py`)
+    ranker_views: str = "all"
     dim: int = 64
     history_len: int = 20
     test_fraction: float = 0.1  # the newest 10% of events are held out
@@ -58,6 +61,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.ranker_negatives not in RANKER_NEGATIVES:
             raise ValueError(f"ranker_negatives must be one of {list(RANKER_NEGATIVES)}, got {self.ranker_negatives!r}")
+        if self.ranker_views not in RANKER_VIEWS:
+            raise ValueError(f"ranker_views must be one of {list(RANKER_VIEWS)}, got {self.ranker_views!r}")
         if self.ranker_candidate_depth < 1:
             raise ValueError(f"ranker_candidate_depth must be >= 1, got {self.ranker_candidate_depth}")
 
@@ -66,6 +71,7 @@ class TrainConfig:
 
 
 RANKER_NEGATIVES = ("retrieved", "uniform")
+RANKER_VIEWS = ("all", "served")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from training.fit.bundle import BUNDLE_FORMAT, check_version, load_bundle, write_bundle
@@ -19,6 +20,7 @@ from training.metrics import evaluate_ranked
 from training.fit.offline_metrics import KS, ORDER_CANDIDATES, evaluate_ranker, popularity_ranked, serving_order
 from training.data.splits import temporal
 from training.models.ranker import MultiTaskRanker, RankerConfig
+from training.request.clock import parse_iso
 from training.data.schemas import read_shop, snapshot_id
 from training.fit.train_loop import RANKER, FitSpec, TrainConfig, build_model, fit_on_ray
 
@@ -48,19 +50,30 @@ def training_run_id(shop_dir: str | Path, cfg: TrainConfig) -> str:
 
 RANKER_SETTINGS = ("ranker_epochs", "ranker_batch_size", "ranker_lr", "ranker_max_impressions",
                    "ranker_negatives_per_view", "ranker_negatives", "ranker_candidate_depth",
-                   "ranker_retrieval_feature", "history_len", "test_fraction")  # what a shared ranker must match
+                   "ranker_retrieval_feature", "ranker_views", "history_len", "test_fraction")  # what a shared ranker must match
 
 
-def train_ranker(task, history, cfg: TrainConfig, run_name: str,
-                 retriever: torch.nn.Module | None = None) -> tuple[torch.nn.Module, list[dict]]:
+def train_ranker(task, history, cfg: TrainConfig, run_name: str, retriever: torch.nn.Module | None = None,
+                 served_from_ms: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """The multi-task ranker on the task's logged views, each with `ranker_negatives_per_view` unshown items:
     drawn from `retriever`'s top candidates for the view's user state (`cfg.ranker_negatives` "retrieved") or from
-    the catalog, and with `retriever`'s score of every example as a feature when `cfg.ranker_retrieval_feature`."""
+    the catalog, and with `retriever`'s score of every example as a feature when `cfg.ranker_retrieval_feature`.
+    With `cfg.ranker_views` "served", only the views from `served_from_ms` on: what the previous version served."""
     space, feats = task.space, task.item_features
     needs_retriever = cfg.ranker_negatives == "retrieved" or cfg.ranker_retrieval_feature
     if needs_retriever and retriever is None:
         raise ValueError("train_ranker: retrieved negatives and the retrieval feature need the version's retriever")
-    views = impressions(task.train_events, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
+    train_events = task.train_events
+    if cfg.ranker_views == "served":
+        if served_from_ms is None:
+            raise ValueError("ranker_views 'served' needs a shop with a served period (shop.json `served_from`, "
+                             "written by `recsys loop`)")
+        train_events = train_events.filter(pc.greater_equal(train_events["timestamp"].cast(pa.int64()),
+                                                            served_from_ms))
+    if not pc.any(pc.equal(train_events["action"], "view")).as_py():
+        raise ValueError(f"train_ranker: no logged view before the cutoff to learn from (ranker_views "
+                         f"{cfg.ranker_views!r})")
+    views = impressions(train_events, space, history, max_rows=cfg.ranker_max_impressions, seed=cfg.seed,
                         item_category=feats.category_idx)
     # Unshown items as negatives: logged views all come from the user's interests, so without them a ranker never
     # learns that an off-interest candidate is bad (exposure bias; see training.evaluation.ranking); drawn from
@@ -135,7 +148,9 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
         ranker, ranker_hist = shared
         _log(f"ranker shared from {ranker_from} (same data and ranker settings): not trained again")
     else:
-        ranker, ranker_hist = train_ranker(task, history, cfg, f"{version}-ranker-{run_id}", tower)
+        served_from = shop.meta.get("served_from")
+        ranker, ranker_hist = train_ranker(task, history, cfg, f"{version}-ranker-{run_id}", tower,
+                                           int(parse_iso(served_from) * 1000) if served_from else None)
 
     _log("evaluating on the held-out split")
     with torch.inference_mode():

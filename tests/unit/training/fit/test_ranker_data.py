@@ -87,3 +87,21 @@ def test_train_config_names_a_bad_ranker_negatives_setting():
         TrainConfig(ranker_negatives="hard")
     with pytest.raises(ValueError, match="ranker_candidate_depth"):
         TrainConfig(ranker_candidate_depth=0)
+    with pytest.raises(ValueError, match="ranker_views"):
+        TrainConfig(ranker_views="clicked")
+
+
+def test_a_ranker_on_served_views_needs_a_served_period_with_views():
+    from training.data.features import engagements_of
+    from training.data.splits import temporal
+    from training.data.synthetic import generate_shop
+    from training.fit.train_loop import TrainConfig
+    from training.fit.version import train_ranker
+
+    task = temporal(generate_shop("tiny", seed=0))
+    history = engagements_of(task.train_events, task.space)
+    cfg = TrainConfig(ranker_views="served", ranker_negatives="uniform", ranker_retrieval_feature=False)
+    with pytest.raises(ValueError, match="served_from"):
+        train_ranker(task, history, cfg, "no-period")
+    with pytest.raises(ValueError, match="no logged view"):  # a served period after every training event
+        train_ranker(task, history, cfg, "empty-period", served_from_ms=task.new_after_ms + 1)
