@@ -50,7 +50,8 @@ def training_run_id(shop_dir: str | Path, cfg: TrainConfig) -> str:
 
 RANKER_SETTINGS = ("ranker_epochs", "ranker_batch_size", "ranker_lr", "ranker_max_impressions",
                    "ranker_negatives_per_view", "ranker_negatives", "ranker_candidate_depth",
-                   "ranker_retrieval_feature", "ranker_views", "history_len", "test_fraction")  # what a shared ranker must match
+                   "ranker_retrieval_feature", "ranker_views", "history_len",
+                   "test_fraction")  # what a shared ranker must match
 
 
 def train_ranker(task, history, cfg: TrainConfig, run_name: str, retriever: torch.nn.Module | None = None,
