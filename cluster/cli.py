@@ -127,12 +127,31 @@ def _simulate(args: argparse.Namespace) -> None:
     from cluster.simulate import format_summary, simulate, write_result
 
     result = simulate(args.url, args.data, args.sessions, seed=args.seed, k=args.k, page=args.page,
-                      concurrency=args.concurrency)
+                      concurrency=args.concurrency, version=args.version)
     print(format_summary(result))
     if args.out:
         print(f"wrote {write_result(result, args.data, args.out)}/simulate.json and events.parquet")
     if result["errors"] == result["sessions"]:
         raise RuntimeError(f"every session failed: {result['error_kinds']}")
+
+
+def _loop(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from cluster.loop import run_loop, run_seeds
+
+    cfg = load_config(args.config)
+    if args.port is not None:
+        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=args.port))
+    if args.seeds:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds: a comma-separated list of integers, got {args.seeds!r}") from None
+        run_seeds(cfg, args.sessions, args.out, seeds, k=args.k, ranker_views=args.ranker_views)
+        return
+    run_loop(cfg, args.sessions, args.out, seed=args.seed, k=args.k, ranker_views=args.ranker_views,
+             keep_serving=args.keep_serving)
 
 
 def _stamped_on_serving_clock(changes: list, root: Path, mode: str) -> list:
@@ -232,10 +251,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--k", type=int, default=12, help="items per answer (one screen)")
     sim.add_argument("--page", default="home", help="the surface every request is for")
+    sim.add_argument("--version", default=None, help="pin every request to this live version (default: the split)")
     sim.add_argument("--concurrency", type=int, default=4)
     sim.add_argument("--out", type=Path, default=None,
                      help="folder for simulate.json (the figures) and events.parquet (what the users did)")
     sim.set_defaults(func=_simulate)
+
+    lp = sub.add_parser("loop", help="the closed loop: serve v1, simulate, train v2 on what v1 served, evaluate "
+                        "both offline, serve both and simulate again; v1 vs v2 offline and online")
+    lp.add_argument("--config", default="demo", help="YAML config path or built-in name (demo, tiny): its shop and "
+                    "training settings")
+    lp.add_argument("--sessions", type=int, default=2000, help="simulated sessions per round")
+    lp.add_argument("--seed", type=int, default=1, help="the simulated users' and v2's training seed (v1 stays)")
+    lp.add_argument("--seeds", default=None, help="comma-separated seeds: one loop each into OUT/seed-S, then "
+                    "every figure over them (OUT/loop-seeds.json)")
+    lp.add_argument("--k", type=int, default=12, help="items per answer (one screen)")
+    lp.add_argument("--port", type=int, default=None, help="HTTP port (default from config: serving.port)")
+    lp.add_argument("--out", type=Path, default=Path("loop"), help="folder for loop.json, both rounds, the loop shop, "
+                    "v2's bundle and the impression log")
+    lp.add_argument("--ranker-views", choices=("served", "all"), default="served",
+                    help="v2's ranker learns from the served period's views only (default) or from every logged view")
+    lp.add_argument("--keep-serving", action="store_true", help="leave v1 and v2 deployed at the end")
+    lp.set_defaults(func=_loop)
 
     r = sub.add_parser("replay", help="counterfactual replay on a synthetic shop: log impressions with propensities, "
                        "estimate policy changes with IPS/SNIPS, compare with the simulated truth")

@@ -116,6 +116,26 @@ def test_simulated_users_answer_through_events_and_their_sessions_are_logged(tin
     assert sum(labelled["click"].to_pylist()) == round(c["mean"] * 30)
 
 
+def test_a_served_period_pinned_to_one_version_becomes_the_next_versions_data(tiny_stack, tmp_path):
+    """The loop's data step on the live stack (`recsys loop` runs it end to end): sessions pinned to one version
+    against the split, their events on the serving clock after the shop's end, appended as the loop shop, whose
+    held-out half scores a version offline."""
+    from cluster.loop import held_out_fraction, loop_shop, offline_on
+    from cluster.simulate import events_table, simulate
+    from training.data.schemas import read_shop
+
+    result = simulate(tiny_stack["url"], tiny_stack["shop"], sessions=60, seed=11, k=8, prefix="looptest",
+                      version="v2")
+    assert result["errors"] == 0 and set(result["by_version"]) == {"v2"}  # the split alone sends 90% to v1
+    served = events_table(result, tiny_stack["shop"])
+    shop = read_shop(loop_shop(tiny_stack["shop"], served, tmp_path / "loop"))
+    assert shop.events.num_rows == read_shop(tiny_stack["shop"]).events.num_rows + served.num_rows
+    frac = held_out_fraction(shop.events.num_rows, served.num_rows)
+    offline = offline_on(tiny_stack["bundles"]["v1"], shop, frac, max_users=100, seed=0)
+    assert offline["users"] > 0 and offline["serves"] in ("ranker", "retrieval")
+    assert offline["final_ndcg@10"] == offline[f"{offline['serves']}_ndcg@10"]
+
+
 def test_admin_endpoint_refuses_missing_and_wrong_tokens(admin_stack):
     body = {"policy": {"max_brand_run": 2}}
     assert post(admin_stack, "/admin/policy", body).status_code == 401
