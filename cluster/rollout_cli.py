@@ -100,6 +100,8 @@ def print_status(status: dict[str, Any]) -> None:
             table.add_row(c["check"], _fmt(c["value"]), _fmt(c["threshold"]), "yes" if c["passed"] else "NO",
                           c.get("detail", ""))
         console.print(table)
+        for flag in gate.get("flags", []):
+            console.print(f"[bold yellow]flag[/] {flag}")
     if rollout.get("steps"):
         table = Table(title="shift steps (live figures of the candidate)")
         for col in ("step", "status", "requests", "errors", "mixed", "p50 ms", "p99 ms", "reason"):

@@ -34,7 +34,7 @@ from deployments.ingress.request_path import answer
 from deployments.ingress.routing import Routing, VersionStages, shifted_weights, version_app_name
 from deployments.rollout import CONTROLLER_NAME
 from deployments.rollout.figures import aggregate
-from deployments.rollout.gate import RolloutConfig, evaluate_gate, offline_figures, tripped_guard
+from deployments.rollout.gate import RolloutConfig, evaluate_gate, offline_figures, order_flags, tripped_guard
 from deployments.store import open_store
 from indexing.embed import (IndexConfig, drop_shards, embed_catalog, get_shards, has_index_manifest,
                            read_index_manifest)
@@ -238,10 +238,11 @@ class RolloutController:
         except Exception as e:  # noqa: BLE001 - reported as the failed check
             health = {"ok": False, "detail": f"{type(e).__name__}: {e}"}
         replay = await self._replay(blue, stages)
-        offline = {v: offline_figures(load_bundle(b).metrics) for v, b in
+        metrics = {v: load_bundle(b).metrics for v, b in
                    ((blue, await self._bundle_of(stages[blue])), (r.green, r.bundle))}
+        offline = {v: offline_figures(m) for v, m in metrics.items()}
         report = evaluate_gate(self.cfg, health, replay, offline[blue], offline[r.green])
-        report.update(blue=blue, sources=replay["sources"])
+        report.update(blue=blue, sources=replay["sources"], flags=order_flags(metrics[r.green]))
         return report
 
     async def _bundle_of(self, stages: VersionStages) -> str:

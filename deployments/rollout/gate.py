@@ -57,6 +57,17 @@ def offline_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def order_flags(metrics: Mapping[str, Any]) -> list[str]:
+    """What the gate reports without refusing: a ranker that orders retrieval's candidates worse than retrieval does
+    on the held-out users (training's `serving_order`). Such a version serves retrieval's order, so it is flagged,
+    not stopped."""
+    order = metrics.get("serving_order") or {}
+    if order.get("serve") != "retrieval":
+        return []
+    return [f"ranker loses to retrieval's own order offline (NDCG@10 {order.get('ranker_ndcg@10', float('nan')):.4f} "
+            f"against {order.get('retrieval_ndcg@10', float('nan')):.4f}): the version serves retrieval's order"]
+
+
 def _check(name: str, value: Any, threshold: Any, passed: bool, detail: str = "") -> dict[str, Any]:
     return {"check": name, "value": value, "threshold": threshold, "passed": bool(passed), "detail": detail}
 

@@ -141,6 +141,10 @@ def test_start_builds_the_index_deploys_beside_the_live_versions_and_gates(rollo
     names = {c["check"] for c in gate["checks"]}
     assert {"health of every stage", "replay error rate", "replay p99 total (ms)",
             "offline retrieval recall@100", "answer overlap@10 with blue"} <= names
+    from deployments.rollout.gate import order_flags
+    from training.fit.bundle import load_bundle
+
+    assert gate["flags"] == order_flags(load_bundle(rollout_stack["v3"]).metrics)  # a losing ranker: flagged
     assert status["routing"]["weights"]["v3"] == 0 and status["routing"]["shares"]["v3"] == 0
     assert served(rollout_stack, users) == before  # live at weight 0: no user moved
     forced = recommend(rollout_stack["url"], {"user_id": users[0], "k": 5, "version": "v3"}).json()

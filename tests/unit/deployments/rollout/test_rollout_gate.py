@@ -151,3 +151,12 @@ def test_the_routing_registry_steers_a_replica_to_each_published_routing():
         await steering.leave()
 
     asyncio.run(scenario())
+
+
+def test_a_ranker_that_loses_to_retrieval_order_is_flagged_not_refused():
+    from deployments.rollout.gate import order_flags
+
+    loses = {"serving_order": {"serve": "retrieval", "ranker_ndcg@10": 0.08, "retrieval_ndcg@10": 0.12}}
+    (flag,) = order_flags(loses)
+    assert "0.0800" in flag and "0.1200" in flag and "serves retrieval's order" in flag
+    assert order_flags({"serving_order": {"serve": "ranker"}}) == [] and order_flags({}) == []
