@@ -281,7 +281,11 @@ def loop_table(report: dict[str, Any]) -> Table:
 
 SEED_FIGURES = {  # name -> how to read it from one loop report's figures of a version
     "final ndcg@10": lambda off, on: off["final_ndcg@10"],
+    "ranker order ndcg@10": lambda off, on: off["ranker_ndcg@10"],
+    "retrieval order ndcg@10": lambda off, on: off["retrieval_ndcg@10"],
     "true rel@10": lambda off, on: off["final_true_relevance@10"],
+    "ranker order true rel@10": lambda off, on: off["ranker_true_relevance@10"],
+    "retrieval order true rel@10": lambda off, on: off["retrieval_true_relevance@10"],
     "recall@100": lambda off, on: off["retrieval"]["recall@100"],
     "clicks/session": lambda off, on: on["clicks_per_session"]["mean"] if on else float("nan"),
     "purchases/session": lambda off, on: on["purchases_per_session"]["mean"] if on else float("nan"),

@@ -94,8 +94,9 @@ def test_figures_over_seeds_pair_the_versions_seed_by_seed():
     from cluster.loop import over_seeds
 
     def report(seed, ndcg1, ndcg2, clicks1, clicks2):
-        off = {v: {"final_ndcg@10": n, "final_true_relevance@10": 0.2, "retrieval": {"recall@100": 0.5}}
-               for v, n in (("v1", ndcg1), ("v2", ndcg2))}
+        off = {v: {"final_ndcg@10": n, "ranker_ndcg@10": n, "retrieval_ndcg@10": 0.1, "final_true_relevance@10": 0.2,
+                   "ranker_true_relevance@10": 0.2, "retrieval_true_relevance@10": 0.1,
+                   "retrieval": {"recall@100": 0.5}} for v, n in (("v1", ndcg1), ("v2", ndcg2))}
         on = {v: {"clicks_per_session": {"mean": c}, "purchases_per_session": {"mean": 0.01}}
               for v, c in (("v1", clicks1), ("v2", clicks2))}
         return {"seed": seed, "offline": off, "round2": {"by_version": on}}
