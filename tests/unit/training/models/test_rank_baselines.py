@@ -58,3 +58,26 @@ def test_baseline_learns_a_planted_item_and_context_signal(name):
         p = torch.sigmoid(model.logits(hist, acts, ages, ctx, item)).numpy()
     assert roc_auc(labels[:, 0].numpy(), p[:, 0]) > 0.95
     assert roc_auc(labels[:, 3].numpy(), p[:, 3]) > 0.85
+
+
+def test_product_logit_is_the_logit_of_the_product_of_probabilities_even_far_in_the_tails():
+    from training.models.rank_baselines import product_logit
+
+    a = torch.tensor([-30.0, -3.0, 0.0, 2.0, 30.0], dtype=torch.float64)
+    b = torch.tensor([5.0, -1.0, 0.0, 40.0, 30.0], dtype=torch.float64)
+    p = torch.sigmoid(product_logit(a, b))
+    assert torch.allclose(p, torch.sigmoid(a) * torch.sigmoid(b), rtol=1e-6, atol=1e-12)
+    assert torch.isfinite(product_logit(a.float() * 10, b.float() * 10)).all()
+
+
+def test_esmm_never_predicts_a_task_more_likely_than_the_click_it_needs():
+    model = _model("esmm")
+    p = torch.sigmoid(model.logits(*toy_batch(B=32, seed=3), torch.arange(1, 33)))
+    assert (p[:, 1:] <= p[:, :1] + 1e-6).all()
+
+
+def test_ple_with_one_level_is_a_cgc_and_bad_settings_are_refused():
+    one = _model("ple", ple_levels=1)
+    assert one.logits(*toy_batch(B=4), torch.arange(1, 5)).shape == (4, len(TASKS))
+    with pytest.raises(ValueError, match="ple_levels"):
+        _model("ple", ple_levels=0)
