@@ -275,9 +275,10 @@ def test_catalog_changes_reach_both_layouts_and_a_restarted_shard_actor_without_
         end = time.monotonic() + 60
         while True:
             h = handle.health.remote().result(timeout_s=60)
-            if h["changes"]["offset"] >= offset:
+            # the replica's follower moves first, then it sends the shard changes: wait for the shards too
+            if h["changes"]["offset"] >= offset and min(h["shard_changes_offsets"]) >= offset:
                 return h
-            assert time.monotonic() < end, f"offset {offset} not applied in 60 s: {h['changes']}"
+            assert time.monotonic() < end, f"offset {offset} not applied in 60 s: {h}"
             time.sleep(0.2)
 
     try:
