@@ -12,9 +12,13 @@ from indexing.index_types import KINDS
 
 def _generate(args: argparse.Namespace) -> None:
     from training.data.schemas import write_shop
-    from training.data.synthetic import generate_shop
+    from training.data.synthetic import Examination, generate_shop
 
-    shop = generate_shop(args.size, args.seed)
+    try:
+        examination = Examination.parse(args.examination)
+    except ValueError as e:
+        raise SystemExit(f"recsys generate: --examination: {e}") from None
+    shop = generate_shop(args.size, args.seed, examination)
     write_shop(shop, args.out)
     print(json.dumps({"out": str(args.out), "items": len(shop.catalog), "users": len(shop.users),
                       "events": len(shop.events)}))
@@ -218,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="write a synthetic shop (catalog, users, events) as Parquet")
     g.add_argument("--size", default="tiny", help="tiny | small | demo | large")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--examination", default="power:0.8",
+                   help="position bias of the clicks: power:ETA (default), log:ETA or exponential:GAMMA")
     g.add_argument("--out", type=Path, required=True)
     g.set_defaults(func=_generate)
 

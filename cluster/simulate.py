@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from training.data.schemas import EVENTS_SCHEMA, TIMESTAMP, read_shop, validate_table
+from training.data.synthetic import Examination
 from training.evaluation.simulate import draw_interest, rate_interval, session_outcomes
 
 FUNNEL = ("click", "wishlist", "add_to_cart", "purchase")
@@ -57,6 +58,7 @@ def simulate(url: str, shop_dir: str | Path, sessions: int, seed: int = 0, k: in
         raise ValueError(f"--data {shop_dir}: simulate needs a synthetic shop (its hidden truth drives the users)")
     users = shop.users["user_id"].to_pylist()
     row_of_item = {item: i for i, item in enumerate(shop.catalog["item_id"].to_pylist())}
+    examination = Examination.of_meta(shop.meta)  # the users look at positions as the shop's own users did
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(users))  # every user once before anyone comes back
     plan = [(s, int(order[s % len(users)])) for s in range(sessions)]
@@ -72,7 +74,7 @@ def simulate(url: str, shop_dir: str | Path, sessions: int, seed: int = 0, k: in
         answer = r.json()
         shown = [i["item_id"] for i in answer["items"]]
         out = session_outcomes(shop.hidden, user_row, np.array([row_of_item.get(i, -1) for i in shown]),
-                               draw_interest(shop.hidden, user_row, srng), srng)
+                               draw_interest(shop.hidden, user_row, srng), srng, examination)
         served = datetime.fromisoformat(answer["served_at"].replace("Z", "+00:00")).timestamp()
         events = []
         for action in ("view", *FUNNEL):

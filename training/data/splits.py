@@ -47,6 +47,7 @@ class RetrievalTask:
     new_after_ms: int  # items created after this count as new (novelty metrics)
     user_rows: np.ndarray  # (n,) row of each evaluated user in `users`
     hidden: dict = field(default_factory=dict)  # synthetic ground truth (empty for real data)
+    examination: str = ""  # synthetic shops: the position bias of their clicks (`Examination.spec`); "" for real data
 
     def user_inputs(self, rows: slice | np.ndarray = slice(None)
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -143,7 +144,15 @@ def leave_last_out(shop: Shop, max_users: int | None = None, seed: int = 0, hist
         user_ids=user_ids, hist_items=items, hist_actions=actions, hist_ages=ages,
         context=_home_context(space, shop.users, rows), targets=[np.array([t]) for t in target],
         seen=[np.unique(eng.item_idx[s:e]) for s, e in zip(start, end)], at_ms=at.astype(np.int64),
-        new_after_ms=_new_after(shop.events), user_rows=rows, hidden=dict(shop.hidden))
+        new_after_ms=_new_after(shop.events), user_rows=rows, hidden=dict(shop.hidden),
+        examination=_examination(shop))
+
+
+def _examination(shop: Shop) -> str:
+    """The synthetic shop's position-bias curve as a spec ("" for data without hidden truth)."""
+    from training.data.synthetic import Examination
+
+    return Examination.of_meta(shop.meta).spec if shop.hidden else ""
 
 
 def temporal(shop: Shop, test_fraction: float = 0.1, max_users: int | None = None, seed: int = 0,
@@ -170,4 +179,5 @@ def temporal(shop: Shop, test_fraction: float = 0.1, max_users: int | None = Non
         train_events=split.train, item_features=item_feature_table(shop.catalog, space), popularity=popularity,
         user_ids=ev.user_ids, hist_items=ev.hist_items, hist_actions=ev.hist_actions, hist_ages=ev.hist_ages,
         context=ev.context, targets=ev.targets, seen=ev.seen, at_ms=np.full(n, split.cutoff_ms, dtype=np.int64),
-        new_after_ms=int(split.cutoff_ms), user_rows=rows, hidden=dict(shop.hidden))
+        new_after_ms=int(split.cutoff_ms), user_rows=rows, hidden=dict(shop.hidden),
+        examination=_examination(shop))

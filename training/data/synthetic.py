@@ -81,6 +81,64 @@ def position_bias(position: np.ndarray, eta: float = POSITION_BIAS_ETA) -> np.nd
     return (1.0 / (1.0 + np.asarray(position, dtype=np.float64))) ** eta
 
 
+EXAMINATION_CURVES = ("power", "log", "exponential")
+
+
+@dataclass(frozen=True)
+class Examination:
+    """How likely a user looks at a 0-based display position, the shop's position bias.
+
+    "power" (the default): ``(1 / (1 + p)) ** param``; "log": ``(1 / log2(2 + p)) ** param``, DCG's discount, a
+    slow decay; "exponential": ``param ** p``, a cascade-like steep drop. Shops made with different curves test
+    whether a position correction learns the curve it was given or the one it was designed on.
+    """
+
+    curve: str = "power"
+    param: float = POSITION_BIAS_ETA
+
+    def __post_init__(self) -> None:
+        if self.curve not in EXAMINATION_CURVES:
+            raise ValueError(f"examination curve {self.curve!r}: valid curves are {list(EXAMINATION_CURVES)}")
+        ok = 0.0 < self.param < 1.0 if self.curve == "exponential" else self.param >= 0.0
+        if not ok:
+            need = "in (0, 1)" if self.curve == "exponential" else ">= 0"
+            raise ValueError(f"examination {self.curve}:{self.param}: the parameter must be {need}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Examination":
+        """``"curve:param"`` (e.g. ``exponential:0.7``) or ``"curve"`` with its default parameter."""
+        curve, _, param = str(spec).partition(":")
+        default = {"power": POSITION_BIAS_ETA, "log": 1.0, "exponential": 0.7}.get(curve.strip(), 0.0)
+        try:
+            value = float(param) if param else default
+        except ValueError:
+            raise ValueError(f"examination {spec!r}: the parameter after ':' must be a number") from None
+        return cls(curve.strip(), value)
+
+    @classmethod
+    def of_meta(cls, meta: dict) -> "Examination":
+        """The curve a shop was generated with (shops from before the curve was recorded: power, their eta)."""
+        if "examination" in meta:
+            return cls.parse(meta["examination"])
+        return cls("power", float(meta.get("position_bias_eta", POSITION_BIAS_ETA)))
+
+    @property
+    def spec(self) -> str:
+        return f"{self.curve}:{self.param:g}"
+
+    def probability(self, position: np.ndarray) -> np.ndarray:
+        p = np.asarray(position, dtype=np.float64)
+        if self.curve == "power":
+            return position_bias(p, self.param)
+        if self.curve == "log":
+            return (1.0 / np.log2(2.0 + p)) ** self.param
+        return self.param ** p
+
+    def log_effect(self, positions: int) -> list[float]:
+        """log examination of positions 0..positions-1 relative to position 0 (what a position tower should learn)."""
+        return np.log(self.probability(np.arange(positions))).tolist()
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -279,7 +337,7 @@ def true_relevance(hidden: dict[str, np.ndarray], user: np.ndarray, item: np.nda
     return (r * weight[..., :]).sum(-1) / weight.sum(-1)
 
 
-def _make_events(rng: np.random.Generator, cat: dict, usr: dict, ses: dict, eta: float) -> pa.Table:
+def _make_events(rng: np.random.Generator, cat: dict, usr: dict, ses: dict, examination: Examination) -> pa.Table:
     S, K = ses["item"].shape
     s_idx, k_idx = np.nonzero(ses["valid"])  # row-major: grouped by session, in display order
     item = ses["item"][s_idx, k_idx]
@@ -288,7 +346,7 @@ def _make_events(rng: np.random.Generator, cat: dict, usr: dict, ses: dict, eta:
     view_t = ses["time"][s_idx] + position * 1_500  # a scan of ~1.5 s per slot
 
     r = _relevance(usr["vec"][user, ses["slot"][s_idx]], cat["latent"][item], popularity_z(cat["popularity"])[item])
-    click = rng.random(len(item)) < r * position_bias(position, eta)
+    click = rng.random(len(item)) < r * examination.probability(position)
     wish = click & (rng.random(len(item)) < P_WISHLIST)
     cart = click & (rng.random(len(item)) < P_CART_SCALE * r)
     buy = cart & (rng.random(len(item)) < P_PURCHASE)
@@ -329,12 +387,13 @@ def _make_events(rng: np.random.Generator, cat: dict, usr: dict, ses: dict, eta:
     return table
 
 
-def generate_shop(size: str | ShopSize, seed: int = 0) -> Shop:
-    """Generates a synthetic shop; the same size and seed give byte-identical tables.
+def generate_shop(size: str | ShopSize, seed: int = 0, examination: Examination = Examination()) -> Shop:
+    """Generates a synthetic shop; the same size, seed and examination curve give byte-identical tables.
 
     Args:
         size: a name in `SIZES` ("tiny", "small", "demo", "large") or a `ShopSize`.
         seed: the random seed.
+        examination: the position bias of the logged clicks (recorded in the meta as "examination").
 
     Returns:
         A validated `Shop` whose `hidden` holds the ground truth: "item_latent" (n_items, 16) float32,
@@ -358,7 +417,7 @@ def generate_shop(size: str | ShopSize, seed: int = 0) -> Shop:
     cat = _make_catalog(size, rng, start_ms, end_ms)
     usr = _make_users(size, rng, cat)
     ses = _make_sessions(size, rng, cat, usr, start_ms, end_ms)
-    events = _make_events(rng, cat, usr, ses, POSITION_BIAS_ETA)
+    events = _make_events(rng, cat, usr, ses, examination)
 
     def iso(ms: int) -> str:
         return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
@@ -366,7 +425,8 @@ def generate_shop(size: str | ShopSize, seed: int = 0) -> Shop:
     last_ms = int(pc.max(events["timestamp"]).cast(pa.int64()).as_py())
     meta = {
         "source": "synthetic", "generator": GENERATOR_VERSION, "size": name, "seed": seed,
-        "position_bias_eta": POSITION_BIAS_ETA,
+        **({"position_bias_eta": examination.param} if examination.curve == "power" else {}),
+        **({} if examination == Examination() else {"examination": examination.spec}),
         "start_time": iso(start_ms), "end_time": iso(last_ms), "new_item_days": size.new_item_days,
         "latent_dim": LATENT_DIM, "n_events": events.num_rows,
     }

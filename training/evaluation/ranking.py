@@ -216,11 +216,6 @@ def learned_position_effect(model: MultiTaskRanker, positions: int = 20) -> list
     return (click - click[0]).tolist()
 
 
-def true_position_effect(eta: float, positions: int = 20) -> list[float]:
-    """log examination probability of positions 0..positions-1 (log (1 / (1 + p)) ** eta), relative to position 0."""
-    return (-eta * np.log1p(np.arange(positions))).tolist()
-
-
 def evaluate_model(model: torch.nn.Module, held: Impressions, users: tuple[np.ndarray, ...], candidates: np.ndarray,
                    targets: list[np.ndarray], relevance: np.ndarray | None) -> dict[str, Any]:
     """Per-task AUC/log-loss on held-out impressions, NDCG@10 of the re-ranked candidates, and with the hidden truth
@@ -281,9 +276,11 @@ def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir
             results["learned_position_click_logit"] = learned_position_effect(model, shown)
     figures = []
     if relevance is not None:
-        from training.data.synthetic import POSITION_BIAS_ETA
+        from training.data.synthetic import Examination
 
-        results["true_position_log_examination"] = true_position_effect(POSITION_BIAS_ETA, shown)
+        examination = Examination.parse(task.examination) if task.examination else Examination()
+        results["examination"] = examination.spec
+        results["true_position_log_examination"] = examination.log_effect(shown)
         results[f"true_relevance_order_ndcg@{K}"] = {"retrieval": graded_ndcg(
             -np.arange(cands.shape[1], dtype=np.float64)[None].repeat(len(cands), 0), relevance, cands > 0)}
         figures.append(plot_debiasing(results, out_dir / "ranking_debiasing.png"))
@@ -318,7 +315,8 @@ def ranking_markdown(results: dict[str, Any]) -> str:
     lines += ["", f"Fused: reciprocal-rank fusion (k={RRF_K}) of the ranker's order with the retrieval order."]
     if has_truth:
         lines += ["", f"Retrieval order against true relevance: NDCG@{K} "
-                      f"{_fmt(results[f'true_relevance_order_ndcg@{K}']['retrieval'])}."]
+                      f"{_fmt(results[f'true_relevance_order_ndcg@{K}']['retrieval'])}. The shop's clicks follow "
+                      f"the examination curve {results.get('examination', 'power:0.8')}."]
     return "\n".join(lines)
 
 

@@ -90,7 +90,7 @@ def ground_truth(shop: Shop) -> dict[str, np.ndarray]:
     return {"latent": hidden["item_latent"], "pop_z": synthetic.popularity_z(hidden["item_popularity"]),
             "user_vec": hidden["user_interest_vec"], "weight": hidden["user_interest_weight"],
             "icat": hidden["user_interest_category"], "category": synthetic.catalog_category_index(shop.catalog),
-            "popularity": hidden["item_popularity"]}
+            "popularity": hidden["item_popularity"], "examination": synthetic.Examination.of_meta(shop.meta)}
 
 
 @dataclass
@@ -102,6 +102,7 @@ class Sessions:
     cand: np.ndarray  # (S, N) catalog rows, ordered by the production ranker's score
     score: np.ndarray  # (S, N) the ranker's score
     relevance: np.ndarray  # (S, N) true r
+    examination: synthetic.Examination = synthetic.Examination()  # the shop's position bias
 
 
 def draw_sessions(truth: dict[str, np.ndarray], cfg: ReplayConfig) -> Sessions:
@@ -126,7 +127,8 @@ def draw_sessions(truth: dict[str, np.ndarray], cfg: ReplayConfig) -> Sessions:
     order = np.argsort(-score, axis=1, kind="stable")
     relevance = 1.0 / (1.0 + np.exp(-logit))
     cand, score, relevance = (np.take_along_axis(a, order, axis=1) for a in (cand, score, relevance))
-    return Sessions(user=user, page=page, cand=cand, score=score, relevance=relevance)
+    return Sessions(user=user, page=page, cand=cand, score=score, relevance=relevance,
+                    examination=truth.get("examination", synthetic.Examination()))
 
 
 def policy_slates(sessions: Sessions, catalog: dict, users: list[str], bought: dict[str, dict[str, float]],
@@ -171,7 +173,7 @@ def log_impressions(sessions: Sessions, production: np.ndarray, cfg: ReplayConfi
     shown_ok = shown >= 0
     propensity = cfg.logging_epsilon / N + (1.0 - cfg.logging_epsilon) * (shown == production)
     r = np.where(shown_ok, np.take_along_axis(sessions.relevance, np.maximum(shown, 0), axis=1), 0.0)
-    click = rng.random((S, K)) < r * synthetic.position_bias(np.arange(K))[None, :]
+    click = rng.random((S, K)) < r * sessions.examination.probability(np.arange(K))[None, :]
     purchase = click & (rng.random((S, K)) < synthetic.P_CART_SCALE * r) & (rng.random((S, K)) < synthetic.P_PURCHASE)
     return ImpressionLog(shown=shown, propensity=propensity, click=click, purchase=purchase)
 
@@ -179,7 +181,7 @@ def log_impressions(sessions: Sessions, production: np.ndarray, cfg: ReplayConfi
 def expected_rates(sessions: Sessions, slates: np.ndarray) -> dict[str, float]:
     """The simulator's exact expected click and purchase rates per impression of the given slates."""
     r = np.where(slates >= 0, np.take_along_axis(sessions.relevance, np.maximum(slates, 0), axis=1), 0.0)
-    p_click = r * synthetic.position_bias(np.arange(slates.shape[1]))[None, :]
+    p_click = r * sessions.examination.probability(np.arange(slates.shape[1]))[None, :]
     p_buy = p_click * synthetic.P_CART_SCALE * r * synthetic.P_PURCHASE
     return {"ctr": float(p_click.mean()), "purchase_rate": float(p_buy.mean())}
 

@@ -2,8 +2,8 @@
 
 The behaviour is the generator's own (training/data/synthetic.py), applied to what the service served instead of to
 the generator's logged lists: a session has one of the user's interests (drawn by the user's interest weights);
-an item at 0-based position p is clicked with probability r(user, interest, item) x position_bias(p), where r is
-the hidden true relevance; a click leads to a wishlist (P_WISHLIST), an add-to-cart (P_CART_SCALE x r) and then
+an item at 0-based position p is clicked with probability r(user, interest, item) x examination(p), the shop's
+position bias (`training.data.synthetic.Examination`), where r is the hidden true relevance; a click leads to a wishlist (P_WISHLIST), an add-to-cart (P_CART_SCALE x r) and then
 a purchase (P_PURCHASE), as in the generator's funnel. Items the shop does not know (added live) have r = 0.
 
 `session_outcomes` is plain NumPy; `cluster/simulate.py` sends the requests and posts the events.
@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.data.synthetic import P_CART_SCALE, P_PURCHASE, P_WISHLIST, POSITION_BIAS_ETA, position_bias, \
-    true_relevance
+from training.data.synthetic import P_CART_SCALE, P_PURCHASE, P_WISHLIST, Examination, true_relevance
 
 
 @dataclass
@@ -36,15 +35,16 @@ def draw_interest(hidden: dict, user_row: int, rng: np.random.Generator) -> int:
 
 
 def session_outcomes(hidden: dict, user_row: int, item_rows: np.ndarray, interest: int, rng: np.random.Generator,
-                     eta: float = POSITION_BIAS_ETA) -> Outcome:
-    """The funnel for the items shown at positions 0..k-1 (catalog rows, -1 for an item the shop does not know)."""
+                     examination: Examination = Examination()) -> Outcome:
+    """The funnel for the items shown at positions 0..k-1 (catalog rows, -1 for an item the shop does not know),
+    under the shop's position bias (`Examination.of_meta(shop.meta)`)."""
     item_rows = np.asarray(item_rows, dtype=np.int64)
     known = item_rows >= 0
     r = np.zeros(len(item_rows))
     if known.any():
         r[known] = true_relevance(hidden, np.full(known.sum(), user_row), item_rows[known],
                                   np.full(known.sum(), interest))
-    click = rng.random(len(r)) < r * position_bias(np.arange(len(r)), eta)
+    click = rng.random(len(r)) < r * examination.probability(np.arange(len(r)))
     wish = click & (rng.random(len(r)) < P_WISHLIST)
     cart = click & (rng.random(len(r)) < P_CART_SCALE * r)
     buy = cart & (rng.random(len(r)) < P_PURCHASE)

@@ -1,6 +1,7 @@
 """The synthetic shop: deterministic, valid, funnel-consistent, position-biased and learnable."""
 
 import dataclasses
+import re
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -144,6 +145,41 @@ def test_click_through_falls_with_position(shop) -> None:
 def test_position_bias_matches_its_formula() -> None:
     np.testing.assert_allclose(position_bias(np.array([0, 1, 3])), [1.0, 0.5**0.8, 0.25**0.8])
     assert position_bias(np.array([4]), eta=0.0)[0] == 1.0
+
+
+def test_examination_curves_match_their_formulas_and_parse_from_specs_and_meta() -> None:
+    from training.data.synthetic import Examination
+
+    pos = np.array([0, 1, 3])
+    np.testing.assert_allclose(Examination().probability(pos), position_bias(pos))
+    np.testing.assert_allclose(Examination.parse("log:1").probability(pos), 1 / np.log2(2 + pos))
+    np.testing.assert_allclose(Examination.parse("exponential:0.5").probability(pos), [1.0, 0.5, 0.125])
+    assert Examination.parse("exponential").param == 0.7 and Examination.parse("power").spec == "power:0.8"
+    assert Examination.of_meta({"position_bias_eta": 0.5}) == Examination("power", 0.5)
+    assert Examination.of_meta({"examination": "log:2"}) == Examination("log", 2.0)
+    np.testing.assert_allclose(Examination.parse("exponential:0.5").log_effect(3), np.log([1.0, 0.5, 0.25]))
+    for bad, says in (("cascade", "valid curves"), ("exponential:1.5", "in (0, 1)"), ("power:-1", ">= 0"),
+                      ("log:x", "a number")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            Examination.parse(bad)
+
+
+def test_a_shop_made_with_another_examination_curve_records_it_and_its_clicks_follow_it() -> None:
+    from training.data.synthetic import Examination
+
+    steep = generate_shop("tiny", seed=0, examination=Examination.parse("exponential:0.6"))
+    assert steep.meta["examination"] == "exponential:0.6" and "position_bias_eta" not in steep.meta
+    assert Examination.of_meta(steep.meta) == Examination("exponential", 0.6)
+    default = generate_shop("tiny", seed=0)
+    assert "examination" not in default.meta  # the default shop is byte-identical to before the curve was recorded
+
+    def ctr(shop, p: int) -> float:
+        act, pos = actions(shop), shop.events["position"].to_numpy()
+        return np.sum((act == "click") & (pos == p)) / np.sum((act == "view") & (pos == p))
+
+    # The same sessions and lists, so the drop from position 0 to 6 differs by the curves' ratio (0.047 / 0.21)
+    steep_drop, default_drop = ctr(steep, 6) / ctr(steep, 0), ctr(default, 6) / ctr(default, 0)
+    assert steep_drop < 0.5 * default_drop, (steep_drop, default_drop)
 
 
 def test_new_items_exist_and_no_event_precedes_its_item(shop) -> None:

@@ -31,6 +31,18 @@ def test_clicks_follow_true_relevance_times_position_bias_and_the_funnel_nests(h
     assert carts == pytest.approx(clicks[0] * P_CART_SCALE * r[best], abs=0.02)
 
 
+def test_clicks_follow_the_shops_own_examination_curve(hidden):
+    from training.data.synthetic import Examination
+
+    user, interest = 3, 0
+    r = true_relevance(hidden, np.arange(2000) * 0 + user, np.arange(2000), np.zeros(2000, dtype=int) + interest)
+    items = np.full(4, int(np.argmax(r)))
+    steep = Examination.parse("exponential:0.4")
+    rng = np.random.default_rng(1)
+    clicks = np.mean([session_outcomes(hidden, user, items, interest, rng, steep).click for _ in range(4000)], axis=0)
+    np.testing.assert_allclose(clicks, r[items] * steep.probability(np.arange(4)), atol=0.03)
+
+
 def test_interests_are_drawn_by_the_users_weights(hidden):
     rng = np.random.default_rng(1)
     user = int(np.argmax((hidden["user_interest_weight"] > 0).sum(1)))  # a user with several interests
