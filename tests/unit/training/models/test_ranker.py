@@ -146,3 +146,29 @@ def test_the_retrieval_feature_is_required_standardised_and_learnable():
     np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="as long"):
         score_candidates(model, *(x[:4].numpy() for x in inputs), rows, [np.zeros(2)] * 4)
+
+
+@pytest.mark.parametrize("curve", ["power:0.8", "exponential:0.7"])
+def test_the_position_tower_learns_the_examination_curve_the_clicks_followed(curve):
+    """Shown at random positions, items of known relevance are clicked with r x examination(position): the tower's
+    learned click effect follows that curve, whichever of two shapes generated the clicks (small r: logit ~ log)."""
+    from training.data.synthetic import Examination
+    from training.evaluation.ranking import learned_position_effect
+
+    examination = Examination.parse(curve)
+    model = _ranker(position_dropout=0.0, dropout=0.0, dim=8, ffn=16, hidden=32)  # small: the tower is the point
+    g = torch.Generator().manual_seed(4)
+    n, shown = 12000, 6
+    hist, acts, ages, ctx = toy_batch(B=n, L=1, seed=5)
+    item = torch.randint(1, 101, (n,), generator=g)
+    pos = torch.randint(0, shown, (n,), generator=g)
+    r = 0.02 + 0.18 * (item % 5).float() / 4  # relevance from the item alone, at most 0.2
+    p_click = r * torch.from_numpy(examination.probability(pos.numpy())).float()
+    labels = torch.zeros(n, len(TASKS))
+    labels[:, 0] = (torch.rand(n, generator=g) < p_click).float()
+    model.train()
+    fit_full_batch(model, (hist, acts, ages, ctx, item, pos, labels), 120, 5e-2)
+    learned = np.asarray(learned_position_effect(model.eval(), shown))
+    truth = np.asarray(examination.log_effect(shown))
+    assert np.mean(np.abs(learned - truth)) < 0.2, (learned.round(2), truth.round(2))  # ~2000 rows a position
+    assert np.corrcoef(learned, truth)[0, 1] > 0.95
