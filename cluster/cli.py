@@ -105,7 +105,7 @@ def _replay(args: argparse.Namespace) -> None:
 
 
 BENCHMARKS = ("stages", "ranking", "policy", "training", "request_path", "index", "reembed", "reliability",
-              "rollout", "autoscaling", "debiasing")  # modules of bench/, each with main(argv)
+              "rollout", "autoscaling", "debiasing", "ranker_init")  # modules of bench/, each with main(argv)
 
 
 def _bench(args: argparse.Namespace) -> None:

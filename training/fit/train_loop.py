@@ -53,6 +53,9 @@ class TrainConfig:
     # Which logged views the ranker learns from: "all", or "served": only those of the shop's served period (a loop
     # shop's `served_from` on: the impressions the previous version served, `cluster/loop.py`)
     ranker_views: str = "all"
+    # Where the ranker's item id table starts: "random", or "tower": the version's item-tower vectors projected to
+    # the ranker's width (`ItemEmbedding.init_item_vectors`), so items few views show start near their neighbours
+    ranker_item_init: str = "random"
     dim: int = 64
     history_len: int = 20
     test_fraction: float = 0.1  # the newest 10% of events are held out
@@ -66,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"ranker_negatives must be one of {list(RANKER_NEGATIVES)}, got {self.ranker_negatives!r}")
         if self.ranker_views not in RANKER_VIEWS:
             raise ValueError(f"ranker_views must be one of {list(RANKER_VIEWS)}, got {self.ranker_views!r}")
+        if self.ranker_item_init not in RANKER_ITEM_INIT:
+            raise ValueError(f"ranker_item_init must be one of {list(RANKER_ITEM_INIT)}, got {self.ranker_item_init!r}")
         if self.ranker_candidate_depth < 1:
             raise ValueError(f"ranker_candidate_depth must be >= 1, got {self.ranker_candidate_depth}")
 
@@ -75,6 +80,7 @@ class TrainConfig:
 
 RANKER_NEGATIVES = ("retrieved", "uniform")
 RANKER_VIEWS = ("all", "served")
+RANKER_ITEM_INIT = ("random", "tower")
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ import torch
 from training.fit.bundle import BUNDLE_FORMAT, check_version, load_bundle, write_bundle
 from training.data.examples import add_sampled_negatives, impressions
 from training.data.features import engagements_of, in_stock, item_feature_table, item_lookups
-from training.fit.ranker_data import retrieved_negatives, with_retrieval_scores
+from training.fit.ranker_data import item_matrix, retrieved_negatives, with_retrieval_scores
 from training.fit.registry import load_model
 from training.metrics import evaluate_ranked
 from training.fit.offline_metrics import KS, ORDER_CANDIDATES, evaluate_ranker, popularity_ranked, serving_order
 from training.data.splits import temporal
+from training.models.embeddings import ITEM_INIT
 from training.models.ranker import MultiTaskRanker, RankerConfig
 from training.request.clock import parse_iso
 from training.data.schemas import read_shop, snapshot_id
@@ -50,7 +51,7 @@ def training_run_id(shop_dir: str | Path, cfg: TrainConfig) -> str:
 
 RANKER_SETTINGS = ("ranker_epochs", "ranker_batch_size", "ranker_lr", "ranker_max_impressions",
                    "ranker_negatives_per_view", "ranker_negatives", "ranker_candidate_depth",
-                   "ranker_retrieval_feature", "ranker_views", "history_len",
+                   "ranker_retrieval_feature", "ranker_views", "ranker_item_init", "history_len",
                    "test_fraction")  # what a shared ranker must match
 
 
@@ -61,9 +62,11 @@ def train_ranker(task, history, cfg: TrainConfig, run_name: str, retriever: torc
     the catalog, and with `retriever`'s score of every example as a feature when `cfg.ranker_retrieval_feature`.
     With `cfg.ranker_views` "served", only the views from `served_from_ms` on: what the previous version served."""
     space, feats = task.space, task.item_features
-    needs_retriever = cfg.ranker_negatives == "retrieved" or cfg.ranker_retrieval_feature
+    needs_retriever = cfg.ranker_negatives == "retrieved" or cfg.ranker_retrieval_feature or \
+        cfg.ranker_item_init == "tower"
     if needs_retriever and retriever is None:
-        raise ValueError("train_ranker: retrieved negatives and the retrieval feature need the version's retriever")
+        raise ValueError("train_ranker: retrieved negatives, the retrieval feature and the item-tower init need the "
+                         "version's retriever")
     train_events = task.train_events
     if cfg.ranker_views == "served":
         if served_from_ms is None:
@@ -89,6 +92,8 @@ def train_ranker(task, history, cfg: TrainConfig, run_name: str, retriever: torc
     config = RankerConfig(**space.sizes, retrieval_feature=cfg.ranker_retrieval_feature)
     arrays = (with_retrieval_scores(ranker_data, retriever.eval(), space.n_items) if cfg.ranker_retrieval_feature
               else ranker_data.as_dict())
+    if cfg.ranker_item_init == "tower":
+        arrays = arrays | {ITEM_INIT: item_matrix(retriever.eval(), space.n_items).numpy()}
     spec = FitSpec(RANKER, config.to_dict(), MultiTaskRanker.train_inputs(config),
                    cfg.ranker_epochs, cfg.ranker_batch_size, cfg.ranker_lr)
     state, hist = fit_on_ray(spec, arrays | item_lookups(feats), cfg, run_name)
@@ -103,7 +108,7 @@ def shared_ranker(bundle_dir: str | Path, shop_dir: str | Path,
     when it learns from retrieval (its negatives or its score feature), with the same retrieval model too."""
     other = load_bundle(bundle_dir)
     keys = RANKER_SETTINGS
-    if cfg.ranker_negatives == "retrieved" or cfg.ranker_retrieval_feature:
+    if cfg.ranker_negatives == "retrieved" or cfg.ranker_retrieval_feature or cfg.ranker_item_init == "tower":
         keys = tuple(k for k in cfg.to_dict() if k not in ("storage_path", "progress"))  # the whole training run
     same = other.manifest["data_snapshot"] == snapshot_id(shop_dir) and all(
         other.config["train"].get(k) == getattr(cfg, k) for k in keys)

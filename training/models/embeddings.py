@@ -14,9 +14,13 @@ import torch.nn as nn
 from training.data.features import ITEM_LOOKUPS, QUERY_TOKENS, TableSizes
 
 
+INIT_STD = 0.1  # every table's initial spread
+ITEM_INIT = "item_init"  # training array of vectors the item id table starts from (`ItemEmbedding.init_item_vectors`)
+
+
 def _table(n: int, dim: int) -> nn.Embedding:
     emb = nn.Embedding(n, dim, padding_idx=0)
-    nn.init.normal_(emb.weight, std=0.1)
+    nn.init.normal_(emb.weight, std=INIT_STD)
     with torch.no_grad():
         emb.weight[0].zero_()
     return emb
@@ -45,6 +49,28 @@ class ItemEmbedding(nn.Module):
         """Fills the buffers from training arrays keyed by `ITEM_LOOKUPS` (see `training.data.features.item_lookups`)."""
         # torch.tensor copies: arrays from the object store are read-only, which torch.from_numpy warns about.
         self.set_item_features(*(torch.tensor(np.asarray(data[k]), dtype=torch.long) for k in ITEM_LOOKUPS))
+        if ITEM_INIT in data:  # the item tower's vectors (train.ranker_item_init: tower)
+            self.init_item_vectors(data[ITEM_INIT])
+
+    def init_item_vectors(self, vectors: np.ndarray | torch.Tensor) -> None:
+        """Starts the item id table from other item vectors (e.g. the version's item tower), (n_items, D) by item
+        index: projected onto their top `dim` principal directions when D > dim (zero-padded when D < dim) and
+        scaled to this table's initial spread, so the ranker starts from what retrieval learned about each item
+        and goes on learning from there. Row 0 (padding) stays zero."""
+        v = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+        n, dim = self.item.weight.shape
+        if v.ndim != 2 or len(v) != n:
+            raise ValueError(f"item init vectors must be ({n}, D) by item index, got shape {tuple(v.shape)}")
+        x = v[1:] - v[1:].mean(0)
+        if x.shape[1] > dim:
+            _, _, vh = torch.linalg.svd(x, full_matrices=False)  # principal directions, largest variance first
+            x = x @ vh[:dim].T
+        else:
+            x = torch.nn.functional.pad(x, (0, dim - x.shape[1]))
+        x = x * (INIT_STD / x.std().clamp(min=1e-12))
+        with torch.no_grad():
+            self.item.weight[1:].copy_(x)
+            self.item.weight[0].zero_()
 
     def parts(self, item: torch.Tensor) -> list[torch.Tensor]:
         """(...,) item indices -> [id, brand, category, price] embeddings, each (..., dim)."""

@@ -89,6 +89,8 @@ def test_train_config_names_a_bad_ranker_negatives_setting():
         TrainConfig(ranker_candidate_depth=0)
     with pytest.raises(ValueError, match="ranker_views"):
         TrainConfig(ranker_views="clicked")
+    with pytest.raises(ValueError, match="ranker_item_init"):
+        TrainConfig(ranker_item_init="pretrained")
 
 
 def test_a_ranker_on_served_views_needs_a_served_period_with_views():
@@ -105,3 +107,40 @@ def test_a_ranker_on_served_views_needs_a_served_period_with_views():
         train_ranker(task, history, cfg, "no-period")
     with pytest.raises(ValueError, match="no logged view"):  # a served period after every training event
         train_ranker(task, history, cfg, "empty-period", served_from_ms=task.new_after_ms + 1)
+
+
+def test_the_item_tower_init_keeps_each_items_neighbours_and_the_tables_spread():
+    from training.models.embeddings import ITEM_INIT, INIT_STD, ItemEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 64, generator=g)
+    n = 201
+    group = torch.arange(n) % 5
+    vectors = centres[group] + 0.1 * torch.randn(n, 64, generator=g)  # five clusters of items, row 0 = padding
+    emb = ItemEmbedding(n, 3, 3, 3, dim=16)
+    emb.fill_item_features({"item_brand": np.zeros(n, np.int64), "item_category": np.zeros(n, np.int64),
+                            "item_price": np.zeros(n, np.int64), ITEM_INIT: vectors.numpy()})
+    w = emb.item.weight.detach()
+    assert torch.equal(w[0], torch.zeros(16)) and w[1:].std().item() == pytest.approx(INIT_STD, rel=1e-4)
+    unit = torch.nn.functional.normalize(w[1:], dim=1)
+    cos = unit @ unit.T
+    same = group[1:, None] == group[None, 1:]
+    assert cos[same].mean() > 0.9 and cos[~same].mean() < 0.2  # the tower's neighbourhoods survive the projection
+    narrow = ItemEmbedding(n, 3, 3, 3, dim=16)
+    narrow.init_item_vectors(vectors[:, :8])  # fewer dims than the table: zero-padded
+    assert torch.equal(narrow.item.weight[:, 8:].detach(), torch.zeros(n, 8))
+    with pytest.raises(ValueError, match=r"\(201, D\)"):
+        emb.init_item_vectors(vectors[:10])
+
+
+def test_a_ranker_started_from_the_item_tower_needs_the_retriever():
+    from training.data.features import engagements_of
+    from training.data.splits import temporal
+    from training.data.synthetic import generate_shop
+    from training.fit.train_loop import TrainConfig
+    from training.fit.version import train_ranker
+
+    task = temporal(generate_shop("tiny", seed=0))
+    cfg = TrainConfig(ranker_negatives="uniform", ranker_retrieval_feature=False, ranker_item_init="tower")
+    with pytest.raises(ValueError, match="item-tower init"):
+        train_ranker(task, engagements_of(task.train_events, task.space), cfg, "no-tower")
