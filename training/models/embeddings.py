@@ -57,7 +57,7 @@ class ItemEmbedding(nn.Module):
         index: projected onto their top `dim` principal directions when D > dim (zero-padded when D < dim) and
         scaled to this table's initial spread, so the ranker starts from what retrieval learned about each item
         and goes on learning from there. Row 0 (padding) stays zero."""
-        v = torch.as_tensor(np.asarray(vectors), dtype=torch.float32)
+        v = torch.tensor(np.array(vectors, dtype=np.float32))  # a copy: arrays from the object store are read-only
         n, dim = self.item.weight.shape
         if v.ndim != 2 or len(v) != n:
             raise ValueError(f"item init vectors must be ({n}, D) by item index, got shape {tuple(v.shape)}")
