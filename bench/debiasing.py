@@ -15,13 +15,14 @@ Usage: recsys bench debiasing [--curves power:0.8,exponential:0.6] [--seeds 0,1,
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.common import spread, write_results
 
 K = 10
 MODELS = ("transformer_ranker", "transformer_no_position")  # with / without the position tower
@@ -73,12 +74,6 @@ def one_shop(curve: str, seed: int, size: str, epochs: int, candidates: int, use
     return out
 
 
-def _spread(x: list[float]) -> dict[str, float]:
-    a = np.asarray(x, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-            "min": float(a.min()), "max": float(a.max())}
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per curve: mean/std of every figure over seeds and the per-seed gain of the position tower."""
     out = {}
@@ -87,13 +82,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         w, wo = ([r["models"][m] for r in mine] for m in MODELS)
         gain = [a["true_ndcg"] - b["true_ndcg"] for a, b in zip(w, wo)]
         out[curve] = {"seeds": [r["seed"] for r in mine],
-                      "retrieval_true_ndcg": _spread([r["retrieval_true_ndcg"] for r in mine]),
-                      "with_position_true_ndcg": _spread([a["true_ndcg"] for a in w]),
-                      "without_position_true_ndcg": _spread([b["true_ndcg"] for b in wo]),
-                      "with_position_click_auc": _spread([a["click_auc"] for a in w]),
-                      "without_position_click_auc": _spread([b["click_auc"] for b in wo]),
-                      "position_mae": _spread([a["position_mae"] for a in w]),
-                      "gain_per_seed": gain, "gain": _spread(gain),
+                      "retrieval_true_ndcg": spread([r["retrieval_true_ndcg"] for r in mine]),
+                      "with_position_true_ndcg": spread([a["true_ndcg"] for a in w]),
+                      "without_position_true_ndcg": spread([b["true_ndcg"] for b in wo]),
+                      "with_position_click_auc": spread([a["click_auc"] for a in w]),
+                      "without_position_click_auc": spread([b["click_auc"] for b in wo]),
+                      "position_mae": spread([a["position_mae"] for a in w]),
+                      "gain_per_seed": gain, "gain": spread(gain),
                       # a verdict needs 3 seeds agreeing in sign and a mean gain beyond the gains' own spread
                       "helps": bool(len(gain) >= 3 and min(gain) > 0 and np.mean(gain) > np.std(gain, ddof=1)),
                       "hurts": bool(len(gain) >= 3 and max(gain) < 0 and -np.mean(gain) > np.std(gain, ddof=1))}
@@ -154,9 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {"size": args.size, "epochs": args.epochs, "candidates": args.candidates,
                "seconds": time.perf_counter() - t0, "summary": summary, "runs": runs}
     print_table(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=float))
+    write_results(args.out, results)
     return results
 
 

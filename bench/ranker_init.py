@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.common import spread, write_results
 
 INITS = ("random", "tower")
 
@@ -75,18 +76,13 @@ def one_seed(shop_dir: Path, cfg: Any, seed: int, storage: str) -> dict[str, Any
     return out
 
 
-def _spread(x: list[float]) -> dict[str, float]:
-    a = np.asarray(x, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"retrieval_ndcg@10": _spread([r["retrieval_ndcg@10"] for r in runs]),
-                           "retrieval_hidden_relevance@10": _spread([r["retrieval_hidden_relevance@10"]
+    out: dict[str, Any] = {"retrieval_ndcg@10": spread([r["retrieval_ndcg@10"] for r in runs]),
+                           "retrieval_hidden_relevance@10": spread([r["retrieval_hidden_relevance@10"]
                                                                      for r in runs])}
     for key in ("ranker_ndcg@10", "ranker_hidden_relevance@10"):
         for init in INITS:
-            out[f"{init}_{key}"] = _spread([r["inits"][init][key] for r in runs])
+            out[f"{init}_{key}"] = spread([r["inits"][init][key] for r in runs])
         out[f"tower_minus_random_{key}"] = [r["inits"]["tower"][key] - r["inits"]["random"][key] for r in runs]
     return out
 
@@ -140,9 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = summarise(runs)
     results = {"config": args.config, "seconds": time.perf_counter() - t0, "summary": summary, "runs": runs}
     print_table(summary)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=float))
+    write_results(args.out, results)
     return results
 
 
