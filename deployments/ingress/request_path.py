@@ -29,7 +29,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.ingress.routing import VersionStages
 from deployments.store import StoreClient, empty_state
 from training.request.contracts import ItemFilter, RankedList, RankRequest, RetrievalRequest, UserState
-from training.request.policy import SECONDS_PER_DAY, apply_policy, request_rng
+from training.request.policy import SECONDS_PER_DAY, apply_policy, policy_rng
 from training.request.policy_config import PolicyConfig
 
 RANKED_PER_K = 4  # the policy sees 4k ranked items (at least 100), room to sort bought items down and diversify
@@ -104,6 +104,10 @@ class Answer:
     now: float  # unix seconds the policy judged recency and novelty by
     timings_ms: dict[str, float]
     stage_versions: dict[str, str]  # the version of retrieval's tower, of the index and of the ranker
+    # What the policy ran on, logged beside the impressions so that a replay re-runs any policy on it
+    # (`training.evaluation.served_replay`): the ranked list and the user's purchase times.
+    ranked: RankedList | None = None
+    bought_at: dict[str, float] | None = None
 
     def mixed(self, version: str) -> dict[str, str]:
         """The parts that do not belong to `version` (empty: the answer is all one version's)."""
@@ -143,9 +147,10 @@ async def answer(user_id: str, context: dict, k: int, stages: VersionStages, sto
     ranked = await _call("ranking", lambda: stages.ranking.rank.remote(rank_request), timeout_s)
     t3 = time.perf_counter()
     now = found.now or time.time()  # retrieval's clock: the time line the version's data lives on
-    rng = request_rng(request_id) if policy.explore_epsilon > 0 else None
+    rng = policy_rng(policy, request_id)
     final = apply_policy(ranked, UserState(state["bought_at"], now), policy, rng)
     timings = {"features": (t1 - t0) * 1000.0, "retrieval": (t2 - t1) * 1000.0, "ranking": (t3 - t2) * 1000.0,
                "policy": _ms(t3)}
     versions = {"retrieval": found.version, "index": found.index_version, "ranking": ranked.version}
-    return Answer(final, found.cold_start, found.partial, store_fallback, now, timings, versions)
+    return Answer(final, found.cold_start, found.partial, store_fallback, now, timings, versions, ranked,
+                  state["bought_at"])

@@ -10,11 +10,13 @@ replay in ``training/`` and the serving path in ``deployments/`` apply exactly t
 4. ``explore_new_items``: with probability epsilon per exploration slot, a random new item is pinned to it.
 5. ``apply_quotas``: at least/at most N new items and at most N per category in the top ``quota_k`` (pins count).
 6. ``diversify_brands``: no brand run longer than ``max_brand_run``, least displacement, pinned slots held fixed.
+7. ``shuffle``: with probability ``shuffle_epsilon`` the first ``shuffle_top`` items in a uniformly random order
+   (logging exploration: the support off-policy estimates from served logs need, ``shuffle_marginal``).
 
 Reasons: every output item carries one reason string. An item no rule acted on keeps the reason it arrived with
 (``"retrieval"``, ``"interest:1"``, ``"cold_start:new"``...). An item a rule acted on gets ``"policy:<rule>"`` with
 <rule> one of ``bought_down_sort``, ``sponsored``, ``explore``, ``novelty_quota``, ``category_quota``,
-``brand_diversity``; a rule acts on the items it places or promotes (sponsored, explore, novelty_quota) and on those
+``brand_diversity``, ``shuffle``; a rule acts on the items it places or promotes (sponsored, explore, novelty_quota) and on those
 it pushes down (the others). When several rules act on one item, the last one names it.
 
 Speed: one request builds a small working plan (an order of indices, pinned slots, reasons) that every rule edits,
@@ -39,12 +41,19 @@ REASON_EXPLORE = "policy:explore"
 REASON_SPONSORED = "policy:sponsored"
 REASON_NOVELTY = "policy:novelty_quota"
 REASON_CATEGORY = "policy:category_quota"
+REASON_SHUFFLE = "policy:shuffle"
 SECONDS_PER_DAY = 86_400.0
 
 
 def request_rng(request_id: str) -> np.random.Generator:
     """The generator of one request: the same request id always draws the same exploration."""
     return np.random.default_rng(int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big"))
+
+
+def policy_rng(config: PolicyConfig, request_id: str) -> np.random.Generator | None:
+    """The generator `apply_policy` gets for a request: its `request_rng` when a rule is random, else None. Serving
+    and the replay of served logs both call this, so a logged request re-runs with the draws it was served with."""
+    return request_rng(request_id) if config.randomised else None
 
 
 def longest_brand_run(brands: Sequence[str]) -> int:
@@ -460,7 +469,41 @@ def apply_policy(ranked: RankedList, user: UserState, config: PolicyConfig,
     steps += [_sponsor, lambda plan: _explore(plan, rng), _quotas]
     if config.brand_diversity:
         steps.append(_diversify)
-    return _run(ranked, user, config, steps)
+    final = _run(ranked, user, config, steps)
+    return _shuffle(final, config, rng) if config.shuffle_epsilon > 0.0 else final
+
+
+def shuffle_marginal(base: Sequence[str], shown: Sequence[str], config: PolicyConfig) -> np.ndarray:
+    """(len(shown),) P(shown[k] at position k) under the shuffle rule, given ``base``, the list the other rules
+    made (fixed by the request's draws): for k < n = min(shuffle_top, len(base)),
+    (1 - eps) [base[k] = shown[k]] + eps / n [shown[k] in base[:n]] (a uniformly random order of n items puts each
+    at each position with probability 1 / n); [base[k] = shown[k]] below. Exact, not a bound."""
+    eps = config.shuffle_epsilon
+    n = min(config.shuffle_top, len(base)) if eps > 0.0 else 0
+    top = set(base[:n])
+    out = np.zeros(len(shown), dtype=np.float64)
+    for k, item in enumerate(shown):
+        same = k < len(base) and base[k] == item
+        out[k] = (1.0 - eps) * same + eps / n * (item in top) if k < n else float(same)
+    return out
+
+
+def _shuffle(final: RankedList, config: PolicyConfig, rng: np.random.Generator | None) -> RankedList:
+    rng = rng if rng is not None else np.random.default_rng(0)
+    # A fixed number of draws, after exploration's: the same request id always shuffles the same way.
+    coin, keys = rng.random(), rng.random(config.shuffle_top)
+    eps, n = config.shuffle_epsilon, min(config.shuffle_top, len(final))
+    shown = final
+    if coin < eps and n >= 2:
+        order = [int(i) for i in np.argsort(keys[:n], kind="stable")] + list(range(n, len(final)))
+        shown = final.take(order)
+        shown.reasons = [REASON_SHUFFLE if order[k] != k else r for k, r in enumerate(shown.reasons)]
+    # The other rules' own probability of an item at its slot (exploration's), times the shuffle's.
+    base_p = final.propensity if final.propensity is not None else np.ones(len(final))
+    same = np.array([a == b for a, b in zip(shown.item_ids, final.item_ids)], dtype=bool)
+    top = np.arange(len(final)) < n
+    shown.propensity = np.where(top, (1.0 - eps) * same * base_p + eps / max(n, 1), base_p)
+    return shown
 
 
 RULES = {

@@ -67,6 +67,12 @@ class PolicyConfig:
     # the home preset turns it on.
     explore_epsilon: float = 0.0
     explore_slots: tuple[int, ...] = (3, 9)  # 0-based; below the first screen's top, where a miss costs little
+    # Logging exploration for off-policy evaluation: with probability `shuffle_epsilon` a request's first
+    # `shuffle_top` items are shown in a uniformly random order, so each of them has probability at least
+    # shuffle_epsilon / shuffle_top at each of those positions: the support `recsys replay --served` needs to
+    # estimate other policies from served logs. Off by default: a shuffled screen costs clicks.
+    shuffle_epsilon: float = 0.0
+    shuffle_top: int = 12  # one screen
     # Sponsored slots: items of this list that rank below a slot are pinned there, at most `sponsored_max` per list
     # and at least `sponsored_min_spacing` slots apart.
     sponsored_items: tuple[str, ...] = ()
@@ -92,13 +98,13 @@ class PolicyConfig:
                 raise _bad(name, "a bool", value)
             self._set(name, bool(value))
         for name, lo, hi in (("bought_window_days", 0.0, math.inf), ("new_item_days", 0.0, math.inf),
-                             ("explore_epsilon", 0.0, 1.0)):
+                             ("explore_epsilon", 0.0, 1.0), ("shuffle_epsilon", 0.0, 1.0)):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or not lo <= value <= hi:
                 raise _bad(name, f"a finite number in [{lo}, {hi}]", value)
             self._set(name, float(value))
         for name, lo in (("max_brand_run", 1), ("quota_k", 1), ("min_new", 0), ("sponsored_max", 0),
-                         ("sponsored_min_spacing", 1)):
+                         ("sponsored_min_spacing", 1), ("shuffle_top", 2)):
             value = getattr(self, name)
             if not _is_int(value) or value < lo:
                 raise _bad(name, f"an int >= {lo}", value)
@@ -128,6 +134,11 @@ class PolicyConfig:
         if self.min_new > self.quota_k:
             raise _bad("min_new", f"<= quota_k ({self.quota_k})", self.min_new)
         self._set("surfaces", self._checked_surfaces(self.surfaces))
+
+    @property
+    def randomised(self) -> bool:
+        """Whether a rule draws random numbers (exploration, the logging shuffle): the request's rng matters."""
+        return self.explore_epsilon > 0.0 or self.shuffle_epsilon > 0.0
 
     def _set(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)  # normalising a frozen dataclass's field in __post_init__

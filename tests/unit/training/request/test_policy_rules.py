@@ -20,7 +20,9 @@ from training.request.policy import (
     filter_items,
     longest_brand_run,
     place_sponsored,
+    policy_rng,
     request_rng,
+    shuffle_marginal,
 )
 
 DAY = 86_400.0
@@ -275,6 +277,40 @@ def test_propensities_match_how_often_the_policy_places_each_item_there() -> Non
     assert (apply_policy(ranked, NOBODY, PolicyConfig(), None).propensity == 1.0).all()  # nothing random
 
 
+def test_the_logging_shuffle_puts_every_top_item_at_every_top_slot_with_its_logged_propensity() -> None:
+    """Shuffle at epsilon 0.4 over the top 4 of 8 items, after exploration at slot 2: over 4,000 requests, each
+    (item, slot) of the top 4 turns up as often as `shuffle_marginal` of the request's unshuffled list says, the
+    answer's own propensity is that times exploration's, and the items below the top 4 never move."""
+    ranked = shop_list("abcdefgh", new="67")
+    explore = PolicyConfig(explore_epsilon=0.5, explore_slots=(2,), brand_diversity=False)
+    config = explore.with_overrides({"shuffle_epsilon": 0.4, "shuffle_top": 4})
+    seen: Counter = Counter()
+    want: Counter = Counter()
+    for s in range(4000):
+        base = apply_policy(ranked, NOBODY, explore, policy_rng(config, f"r{s}"))  # the same draws, unshuffled
+        out = apply_policy(ranked, NOBODY, config, policy_rng(config, f"r{s}"))
+        assert out.item_ids[4:] == base.item_ids[4:] and sorted(out.item_ids[:4]) == sorted(base.item_ids[:4])
+        marginal = shuffle_marginal(base.item_ids, out.item_ids, config)
+        assert out.propensity[:4] == pytest.approx([(0.6 * base.propensity[k] if out.item_ids[k] == base.item_ids[k]
+                                                     else 0.0) + 0.1 for k in range(4)])
+        assert marginal.min() >= 0.1 and (marginal[4:] == 1.0).all()
+        moved = [k for k in range(4) if out.item_ids[k] != base.item_ids[k]]
+        assert all(out.reasons[k] == "policy:shuffle" for k in moved)
+        seen.update((out.item_ids[k], k) for k in range(4))
+        for k in range(4):  # the expected count of every (item, slot) given this request's unshuffled list
+            for item in base.item_ids[:4]:
+                want[(item, k)] += 0.6 * (base.item_ids[k] == item) + 0.1
+    for key, n in want.items():
+        assert abs(seen[key] - n) / 4000 < 0.025, key
+    assert policy_rng(PolicyConfig(), "r1") is None and policy_rng(config, "r1") is not None
+
+
+def test_shuffle_marginal_is_zero_for_an_item_outside_the_shuffled_top() -> None:
+    config = PolicyConfig(shuffle_epsilon=0.5, shuffle_top=2)
+    assert list(shuffle_marginal(["a", "b", "c"], ["b", "c", "a"], config)) == [0.25, 0.0, 0.0]
+    assert list(shuffle_marginal(["a", "b", "c"], ["a", "b", "c"], PolicyConfig())) == [1.0, 1.0, 1.0]
+
+
 def test_exploration_and_sponsored_never_lift_a_recently_bought_item() -> None:
     ranked = shop_list("abcdef", new="45")
     user = UserState(bought_at={"i4": NOW - DAY, "i5": NOW - DAY}, now=NOW)
@@ -370,6 +406,8 @@ def test_presets_follow_the_page_and_requests_override_them() -> None:
         ({"max_per_category": -1}, "max_per_category"),
         ({"min_new": 3, "max_new": 2}, "min_new"),
         ({"quota_k": 0}, "quota_k"),
+        ({"shuffle_epsilon": 1.5}, "shuffle_epsilon"),
+        ({"shuffle_top": 1}, "shuffle_top"),
         ({"surfaces": {"home": {"max_brand_run": 0}}}, "surfaces.home"),
         ({"surfaces": {"home": {"explore_epsilon": 2}}}, "explore_epsilon"),
         ({"surfaces": {"home": {"nope": 1}}}, "nope"),
