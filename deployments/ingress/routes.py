@@ -31,7 +31,7 @@ from deployments.backpressure import RETRY_AFTER_S, SHED
 from deployments.ingress.admission import INGRESS_MAX_ONGOING, INGRESS_MIN_ADMITTED, AdaptiveLimit
 from deployments.ingress.admin import (ADMIN_TOKEN_ENV, ROUTING_REGISTRY_NAME, PolicySteering, check_admin_token,
                                        parse_policy, registry_actor, unprocessable)
-from deployments.ingress.impressions import ImpressionLog, answer_rows, open_impression_sink
+from deployments.ingress.impressions import ImpressionLog, answer_rows, open_impression_sink, policy_input_row
 from deployments.ingress.metrics import PolicyMetrics, RequestMetrics, answer_figures
 from deployments.ingress.request_path import STAGE_TIMEOUT_S, STORE_TIMEOUT_S, StageUnavailable, answer
 from deployments.ingress.routing import LiveRouting, Routing, RoutingSteering, VersionStages, encode_table
@@ -206,7 +206,10 @@ class Ingress:
             raise HTTPException(503, f"version {version}: parts of the answer came from other versions: {mixed}")
         final = out.final
         if self.impressions is not None:  # buffered only: written off the request path
-            self.impressions.record(answer_rows(request_id, req.user_id, version, surface, final, req.k, out.now))
+            self.impressions.record(
+                answer_rows(request_id, req.user_id, version, surface, final, req.k, out.now),
+                policy_input_row(request_id, req.user_id, version, surface, req.k, policy, out.ranked,
+                                 out.bought_at, out.now) if out.ranked is not None else None)
         self.metrics.record(version, surface, answer_figures(final, req.k, out.now, policy.new_item_days),
                             out.timings_ms["policy"])
         items = [RecommendedItem(item_id=final.item_ids[i], score=float(final.scores[i]), brand=final.brands[i],

@@ -4,6 +4,11 @@ Every answer of `POST /recommend` is logged as one row per shown item (`IMPRESSI
 `deployments.ingress.impressions`): rolling Parquet files under a folder, or a Redis stream when the online store
 is Redis. They are the training data of the next version (issue: "learning from what we serve").
 
+Beside them, one row per answer records what the policy ran on (`POLICY_INPUTS_SCHEMA`: the ranked list, the
+user's purchases, the resolved policy), under `<folder>/_requests/` (a folder starting with "_" is hidden from the
+impression reader, as in Hive-style datasets) or in each Redis entry's "request" field, so that
+`training.evaluation.served_replay` can re-run any policy on the requests that were served.
+
 `label_impressions` joins them with the events that followed, point-in-time correct: an impression served at s is
 labelled with the user's click / add_to_cart / purchase of that item at a time t with s < t <= s + window. An event
 at or before s never labels it (it happened before the item was shown: the label would leak the past), nor does
@@ -32,6 +37,25 @@ IMPRESSIONS_SCHEMA = pa.schema([
     pa.field("propensity", pa.float64(), nullable=False),  # P(the policy placed this item at this position)
     pa.field("served_at", pa.timestamp("ms", tz="UTC"), nullable=False),  # on the serving clock
 ])
+POLICY_INPUTS_SCHEMA = pa.schema([
+    pa.field("request_id", pa.string(), nullable=False),
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("version", pa.string(), nullable=False),
+    pa.field("surface", pa.string(), nullable=False),
+    pa.field("k", pa.int32(), nullable=False),  # items the answer showed
+    pa.field("served_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+    pa.field("now", pa.float64(), nullable=False),  # unix seconds the policy judged recency by (the serving clock)
+    pa.field("policy", pa.string(), nullable=False),  # JSON of the resolved PolicyConfig (preset and overrides)
+    pa.field("bought_at", pa.string(), nullable=False),  # JSON {item_id: unix seconds} of the user's purchases
+    pa.field("items", pa.list_(pa.string()), nullable=False),  # the ranked list the policy got, best first
+    pa.field("scores", pa.list_(pa.float32()), nullable=False),
+    pa.field("brands", pa.list_(pa.string()), nullable=False),
+    pa.field("categories", pa.list_(pa.string()), nullable=False),
+    pa.field("reasons", pa.list_(pa.string()), nullable=False),
+    pa.field("created_at", pa.list_(pa.float64())),  # null: no item counted as new
+    pa.field("in_stock", pa.list_(pa.bool_())),  # null: every item in stock
+])
+REQUESTS_DIR = "_requests"  # under the impression folder
 STREAM = "recsys:impressions"  # the Redis stream's key
 LABELS = ("click", "add_to_cart", "purchase")
 LABEL_ACTIONS = {"click": ("click", "wishlist", "add_to_cart", "purchase"),  # any engagement implies a click
@@ -46,20 +70,41 @@ def read_impressions(spec: str | Path) -> pa.Table:
     folder = Path(spec)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no impression log folder")
-    parts = sorted(folder.rglob("*.parquet"))
+    return _read_parts(folder, IMPRESSIONS_SCHEMA, "an impression log part").sort_by(
+        [("served_at", "ascending"), ("request_id", "ascending"), ("position", "ascending")])
+
+
+def read_policy_inputs(spec: str | Path) -> pa.Table:
+    """What the policy ran on for every logged answer (`POLICY_INPUTS_SCHEMA`), from the same spec as
+    `read_impressions`; empty for a log written before the policy inputs were logged."""
+    spec = str(spec)
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return _read_stream(spec, "request")
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no impression log folder")
+    sub = folder / REQUESTS_DIR
+    if not sub.is_dir():
+        return POLICY_INPUTS_SCHEMA.empty_table()
+    return _read_parts(sub, POLICY_INPUTS_SCHEMA, "a policy input log part", hidden_ok=True).sort_by(
+        [("served_at", "ascending"), ("request_id", "ascending")])
+
+
+def _read_parts(folder: Path, schema: pa.Schema, what: str, hidden_ok: bool = False) -> pa.Table:
+    parts = sorted(p for p in folder.rglob("*.parquet")
+                   if hidden_ok or not any(d.startswith(("_", ".")) for d in p.relative_to(folder).parts[:-1]))
     if not parts:
-        return IMPRESSIONS_SCHEMA.empty_table()
+        return schema.empty_table()
     tables = []
     for part in parts:
         try:
-            tables.append(pq.read_table(part, schema=IMPRESSIONS_SCHEMA))
+            tables.append(pq.read_table(part, schema=schema))
         except (pa.ArrowInvalid, OSError) as e:
-            raise ValueError(f"{part}: not an impression log part ({e})") from e
-    return pa.concat_tables(tables).sort_by([("served_at", "ascending"), ("request_id", "ascending"),
-                                             ("position", "ascending")])
+            raise ValueError(f"{part}: not {what} ({e})") from e
+    return pa.concat_tables(tables)
 
 
-def _read_stream(url: str) -> pa.Table:
+def _read_stream(url: str, field: str = "rows") -> pa.Table:
     import redis
 
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -71,18 +116,30 @@ def _read_stream(url: str) -> pa.Table:
         if not batch:
             break
         for _, fields in batch:
-            rows += json.loads(fields["rows"])
+            if field == "rows":
+                rows += json.loads(fields["rows"])
+            elif field in fields:
+                rows.append(json.loads(fields[field]))
         last = batch[-1][0]
-    return rows_to_table(rows)
+    return rows_to_table(rows) if field == "rows" else policy_inputs_to_table(rows)
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
     """Impression rows (dicts with `IMPRESSIONS_SCHEMA` names; served_at in unix seconds) as a table."""
+    return _to_table(rows, IMPRESSIONS_SCHEMA)
+
+
+def policy_inputs_to_table(rows: list[dict]) -> pa.Table:
+    """Policy input rows (dicts with `POLICY_INPUTS_SCHEMA` names; served_at in unix seconds) as a table."""
+    return _to_table(rows, POLICY_INPUTS_SCHEMA)
+
+
+def _to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     if not rows:
-        return IMPRESSIONS_SCHEMA.empty_table()
-    cols = {f.name: [r[f.name] for r in rows] for f in IMPRESSIONS_SCHEMA}
+        return schema.empty_table()
+    cols = {f.name: [r[f.name] for r in rows] for f in schema}
     cols["served_at"] = (np.asarray(cols["served_at"], dtype=np.float64) * 1000.0).astype(np.int64)
-    return pa.Table.from_pydict(cols, schema=IMPRESSIONS_SCHEMA)
+    return pa.Table.from_pydict(cols, schema=schema)
 
 
 def label_impressions(impressions: pa.Table, events: pa.Table, window_s: float = 3600.0) -> pa.Table:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from deployments.ingress.impressions import ImpressionLog, ParquetSink, RedisSink, answer_rows
-from training.data.impressions import IMPRESSIONS_SCHEMA, label_impressions, read_impressions
+from deployments.ingress.impressions import ImpressionLog, ParquetSink, RedisSink, answer_rows, policy_input_row
+from training.data.impressions import (
+    IMPRESSIONS_SCHEMA,
+    POLICY_INPUTS_SCHEMA,
+    label_impressions,
+    read_impressions,
+    read_policy_inputs,
+)
 from training.data.schemas import TIMESTAMP
 from training.request.contracts import RankedList
+from training.request.policy_config import PolicyConfig
 
 T0 = 1_790_000_000.0
 
@@ -68,9 +76,45 @@ def test_the_redis_stream_holds_every_answer(redis_url):
 
     sink = RedisSink(redis_url)
     redis.Redis.from_url(redis_url).delete("recsys:impressions")
-    sink.write([answer_rows(f"r{i}", "u", "v1", "home", _final(), 4, T0 + i) for i in range(3)])
+    sink.write([(answer_rows(f"r{i}", "u", "v1", "home", _final(), 4, T0 + i),
+                 _policy_input(f"r{i}", T0 + i) if i else None) for i in range(3)])
     table = read_impressions(redis_url)
     assert table.num_rows == 12 and sorted(set(table["request_id"].to_pylist())) == ["r0", "r1", "r2"]
+    inputs = read_policy_inputs(redis_url)
+    assert inputs.schema == POLICY_INPUTS_SCHEMA and inputs["request_id"].to_pylist() == ["r1", "r2"]
+
+
+def _policy_input(request_id: str, served_at: float) -> dict:
+    ranked = _final()
+    ranked.created_at, ranked.in_stock = np.full(4, T0 - 5.0), np.array([True, False, True, True])
+    return policy_input_row(request_id, "u1", "v1", "home", 3, PolicyConfig(shuffle_epsilon=0.2),
+                            ranked, {"i2": T0 - 60.0}, served_at)
+
+
+def test_each_answer_is_logged_with_what_its_policy_ran_on_and_hidden_from_the_impression_reader(tmp_path):
+    """The policy inputs land under `_requests/` beside the impression parts; the impression reader skips them, and
+    a row holds all a replay needs to re-run a policy on the request."""
+    async def run():
+        log = ImpressionLog(ParquetSink(tmp_path / "imp"), flush_s=3600)
+        for i in range(3):
+            assert log.record(answer_rows(f"r{i}", "u1", "v1", "home", _final(), 3, T0 + i),
+                              _policy_input(f"r{i}", T0 + i))
+        await log.close()
+    asyncio.run(run())
+    assert read_impressions(tmp_path / "imp").num_rows == 9
+    inputs = read_policy_inputs(tmp_path / "imp")
+    assert inputs.schema == POLICY_INPUTS_SCHEMA and inputs.num_rows == 3
+    row = inputs.to_pylist()[0]
+    assert row["items"] == ["i0", "i1", "i2", "i3"] and row["in_stock"] == [True, False, True, True]
+    assert PolicyConfig.from_dict(json.loads(row["policy"])).shuffle_epsilon == 0.2
+    assert json.loads(row["bought_at"]) == {"i2": T0 - 60.0} and row["k"] == 3 and row["now"] == T0
+
+
+def test_a_log_without_policy_inputs_reads_as_none_and_a_missing_folder_is_an_error(tmp_path):
+    (tmp_path / "imp").mkdir()
+    assert read_policy_inputs(tmp_path / "imp").num_rows == 0
+    with pytest.raises(FileNotFoundError, match="no impression log folder"):
+        read_policy_inputs(tmp_path / "nope")
 
 
 def test_labels_are_point_in_time_correct():
