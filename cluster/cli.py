@@ -85,10 +85,44 @@ def _eval(args: argparse.Namespace) -> None:
     eval_command(args, load_config(args.config).train)
 
 
+def _replay_served(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    from training.data.schemas import read_shop
+    from training.evaluation.served_replay import format_served, load_served, served_replay
+
+    if args.events is None:
+        raise ValueError("--served needs --events FILE: the Parquet events that followed the served answers")
+    try:
+        events = pq.read_table(args.events)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--events {args.events}: not a readable Parquet file ({e})") from e
+    missing = sorted({"user_id", "item_id", "action", "timestamp"} - set(events.column_names))
+    if missing:
+        raise ValueError(f"--events {args.events}: missing column(s) {missing}")
+    shop = read_shop(args.data) if args.data is not None else None
+    if shop is not None and not shop.hidden:
+        raise ValueError(f"--data {args.data}: not a synthetic shop: no hidden truth to check the estimates with")
+    requests, counts = load_served(args.served, events, args.window_s, args.version)
+    if not requests:
+        raise ValueError(f"--served {args.served}: no answer with its policy input in the log ({counts})")
+    changes = json.loads(args.changes) if args.changes else None
+    result = served_replay(requests, shop, changes, seed=args.seed) | {"log": counts}
+    print(format_served(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=float))
+
+
 def _replay(args: argparse.Namespace) -> None:
     from training.evaluation.replay import ReplayConfig, format_table, replay, write_impressions
     from training.data.schemas import read_shop
 
+    if args.served is not None:
+        return _replay_served(args)
+    if args.data is None:
+        raise ValueError("--data is required: the synthetic shop whose hidden truth simulates each policy "
+                         "(or --served LOG --events FILE to replay what a live service served)")
     shop = read_shop(args.data)
     if not shop.hidden:
         raise ValueError(f"--data {args.data}: replay needs a synthetic shop (its hidden truth simulates each policy)")
@@ -152,10 +186,11 @@ def _loop(args: argparse.Namespace) -> None:
             seeds = [int(x) for x in args.seeds.split(",")]
         except ValueError:
             raise ValueError(f"--seeds: a comma-separated list of integers, got {args.seeds!r}") from None
-        run_seeds(cfg, args.sessions, args.out, seeds, k=args.k, ranker_views=args.ranker_views)
+        run_seeds(cfg, args.sessions, args.out, seeds, k=args.k, ranker_views=args.ranker_views,
+                  shuffle=args.shuffle)
         return
     run_loop(cfg, args.sessions, args.out, seed=args.seed, k=args.k, ranker_views=args.ranker_views,
-             keep_serving=args.keep_serving)
+             keep_serving=args.keep_serving, shuffle=args.shuffle)
 
 
 def _stamped_on_serving_clock(changes: list, root: Path, mode: str) -> list:
@@ -278,14 +313,29 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--ranker-views", choices=("served", "all"), default="served",
                     help="v2's ranker learns from the served period's views only (default) or from every logged view")
     lp.add_argument("--keep-serving", action="store_true", help="leave v1 and v2 deployed at the end")
+    lp.add_argument("--shuffle", type=float, default=0.0,
+                    help="serve round 1 with the logging shuffle at this epsilon, then estimate policy changes "
+                         "from its served log against the shop's truth (recsys replay --served)")
     lp.set_defaults(func=_loop)
 
     r = sub.add_parser("replay", help="counterfactual replay on a synthetic shop: log impressions with propensities, "
                        "estimate policy changes with IPS/SNIPS, compare with the simulated truth")
-    r.add_argument("--data", type=Path, required=True, help="synthetic shop folder (recsys generate)")
+    r.add_argument("--data", type=Path, default=None,
+                   help="synthetic shop folder (recsys generate); with --served, optional: the shop the served "
+                        "users came from, whose hidden truth checks each estimate")
+    r.add_argument("--served", default=None,
+                   help="an impression log of a live service (a folder or redis:// URL, serving.impressions): "
+                        "estimate the changes from what it served instead of from simulated logs")
+    r.add_argument("--events", type=Path, default=None,
+                   help="with --served: Parquet events that followed the answers (user_id, item_id, action, "
+                        "timestamp), e.g. recsys simulate --out's events.parquet")
+    r.add_argument("--version", default=None, help="with --served: only this version's answers")
+    r.add_argument("--window-s", type=float, default=3600.0,
+                   help="with --served: how long after an answer an action still counts as its outcome")
     r.add_argument("--changes", default=None,
                    help='JSON {"name": {policy overrides}} (default: stronger exploration, brand diversity off, '
-                        'at most 2 per category)')
+                        'at most 2 per category; with --served: no shuffle, brand diversity off, at most 2 per '
+                        'category, exploration off)')
     r.add_argument("--sessions", type=int, default=4000)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--config", default=None, help="config whose policy section is the base policy")

@@ -188,20 +188,31 @@ def expected_rates(sessions: Sessions, slates: np.ndarray) -> dict[str, float]:
 
 def estimate(log: ImpressionLog, target: np.ndarray, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
     """IPS and SNIPS estimates of the target slates' click and purchase rates per impression, with 95% CIs."""
-    S, K = target.shape
     w = (target == log.shown) / log.propensity  # (S, K) importance weights
+    return estimate_from_weights(w, log.click, log.purchase, np.ones(w.shape, bool), n_boot, seed) | {
+        "support": {"matched_share": float((target == log.shown).mean()), "max_weight": float(w.max())}}
+
+
+def estimate_from_weights(w: np.ndarray, click: np.ndarray, purchase: np.ndarray, valid: np.ndarray, n_boot: int,
+                          seed: int) -> dict[str, dict[str, float]]:
+    """IPS and SNIPS of click and purchase rate per impression from (S, K) importance weights w = pi / mu of the
+    logged item at each position; `valid` marks the positions an answer had (answers may differ in length)."""
+    S = w.shape[0]
+    n_pos = valid.sum(0)  # sessions per position
+    N = max(int(n_pos.sum()), 1)
+    w = np.where(valid, w, 0.0)
     boot = np.random.default_rng([seed, 3]).multinomial(S, np.full(S, 1.0 / S), size=n_boot)  # (B, S) counts
     out = {}
-    for name, y in (("ctr", log.click), ("purchase_rate", log.purchase)):
-        per_session = (w * y).sum(axis=1) / K  # (S,)
-        ips, se = per_session.mean(), per_session.std(ddof=1) / np.sqrt(S)
+    for name, y in (("ctr", click), ("purchase_rate", purchase)):
+        y = np.where(valid, y, 0.0)
+        per_session = (w * y).sum(axis=1) * S / N  # (S,): their mean is IPS per impression
+        ips, se = per_session.mean(), per_session.std(ddof=1) / np.sqrt(S) if S > 1 else 0.0
         num, den = w * y, w
-        snips = float((num.sum(0) / np.maximum(den.sum(0), 1e-12)).sum() / K)
-        boot_sn = ((boot @ num) / np.maximum(boot @ den, 1e-12)).sum(axis=1) / K  # (B,)
+        snips = float((n_pos * num.sum(0) / np.maximum(den.sum(0), 1e-12)).sum() / N)
+        boot_sn = (n_pos * (boot @ num) / np.maximum(boot @ den, 1e-12)).sum(axis=1) / N  # (B,)
         out[name] = {"ips": float(ips), "ips_lo": float(ips - Z95 * se), "ips_hi": float(ips + Z95 * se),
                      "snips": snips, "snips_lo": float(np.percentile(boot_sn, 2.5)),
-                     "snips_hi": float(np.percentile(boot_sn, 97.5)), "logged": float(y.mean())}
-    out["support"] = {"matched_share": float((target == log.shown).mean()), "max_weight": float(w.max())}
+                     "snips_hi": float(np.percentile(boot_sn, 97.5)), "logged": float(y.sum() / N)}
     return out
 
 
