@@ -164,8 +164,12 @@ def _ensure_index(path: Path, cfg: RecsysConfig) -> None:
 
 
 def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k: int = 12,
-             ranker_views: str = "served", keep_serving: bool = False) -> dict[str, Any]:
+             ranker_views: str = "served", keep_serving: bool = False, shuffle: float = 0.0) -> dict[str, Any]:
     """The loop end to end (module docstring); writes `out/loop.json` and returns the report.
+
+    `shuffle` > 0 serves round 1 with the policy's logging shuffle at that epsilon (`PolicyConfig.shuffle_epsilon`)
+    and then estimates policy changes from round 1's served log against the shop's truth
+    (`training.evaluation.served_replay`, the report's "replay"); round 2 serves without it.
 
     v1 is the shop's version trained on its own history (the demo's v1 when it exists); `seed` varies the rest of
     the loop: round 1's and round 2's simulated users (`seed`, `seed + 1000`) and v2's training seed. v2's ranker
@@ -188,6 +192,8 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
     if cfg.train.retrieval_model not in LOOP_MODELS:
         raise ValueError(f"train.retrieval_model: the loop compares two-tower versions {list(LOOP_MODELS)}, got "
                          f"{cfg.train.retrieval_model!r}")
+    if not 0.0 <= shuffle <= 1.0:
+        raise ValueError(f"--shuffle must be in [0, 1], got {shuffle}")
     if ranker_views not in RANKER_VIEWS:
         raise ValueError(f"--ranker-views must be one of {list(RANKER_VIEWS)}, got {ranker_views!r}")
     out = Path(out)
@@ -209,8 +215,10 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
             console.rule(f"training v1 ({v1_cfg.retrieval_model} + ranker) on the shop's own history")
             train_version(shop_dir, v1.parent, "v1", v1_cfg)
         _ensure_index(v1, cfg)
+    round1_cfg = dataclasses.replace(cfg, policy=cfg.policy.with_overrides({"shuffle_epsilon": shuffle})) \
+        if shuffle > 0 else cfg
     with phases.timed("serve v1"):
-        url = _serve(cfg, shop_dir, [v1], {"v1": 100.0}, seed_store=True)
+        url = _serve(round1_cfg, shop_dir, [v1], {"v1": 100.0}, seed_store=True)
     try:
         console.rule(f"round 1: {sessions} simulated sessions against v1 alone at {url}")
         with phases.timed("simulate round 1"):
@@ -218,6 +226,11 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
         console.print(format_summary(r1))
         write_result(r1, shop_dir, out / "round1")
         served = events_table(r1, shop_dir)
+        replayed = None
+        if shuffle > 0:
+            with phases.timed("replay round 1"):
+                replayed = replay_round(cfg.serving.impressions, served, shop_dir, out / "round1" / "replay.json",
+                                        r1["all"]["sessions"])
 
         loop_dir = loop_shop(shop_dir, served, out / "shop-loop")
         loop = read_shop(loop_dir)
@@ -251,13 +264,32 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
               "loop_shop": str(loop_dir), "bundles": {"v1": str(v1), "v2": str(v2)}, "held_out_share": HELD_OUT_SHARE,
               "test_fraction": frac, "served_events": served.num_rows,
               "served_views": int(pc.sum(pc.equal(served["action"], "view")).as_py()),
-              "round1_impressions_logged": round1_logged,
+              "round1_impressions_logged": round1_logged, "shuffle": shuffle, "replay": replayed,
               "offline": offline, "round1": {k_: v for k_, v in r1.items() if k_ != "events"},
               "round2": {k_: v for k_, v in r2.items() if k_ != "events"}, "phases_s": phases.seconds}
     (out / "loop.json").write_text(json.dumps(report, indent=2, default=float))
     console.print(loop_table(report))
     console.print(phases.table())
     return report
+
+
+def replay_round(log: str, events: Any, shop_dir: Path, path: Path, answers: int) -> dict[str, Any]:
+    """Policy changes estimated from round 1's served log (IPS/SNIPS) beside the shop's truth; written to `path`.
+    Waits up to 30 s for the ingress to flush the round's `answers` (it writes every 5 s)."""
+    from training.data.schemas import read_shop
+    from training.evaluation.served_replay import format_served, load_served, served_replay
+
+    deadline = time.monotonic() + 30.0
+    requests, counts = load_served(log, events)
+    while counts["answers_with_inputs"] < answers and time.monotonic() < deadline:
+        time.sleep(1.0)
+        requests, counts = load_served(log, events)
+    if not requests:
+        raise RuntimeError(f"round 1's impression log {log} holds no answer with its policy input ({counts})")
+    result = served_replay(requests, read_shop(shop_dir)) | {"log": counts}
+    console.print(format_served(result))
+    path.write_text(json.dumps(result, indent=2, default=float))
+    return result
 
 
 def loop_table(report: dict[str, Any]) -> Table:
@@ -322,14 +354,16 @@ def seeds_table(summary: dict[str, Any]) -> Table:
 
 
 def finished_loop(folder: Path, cfg: RecsysConfig, sessions: int, seed: int, k: int = 12,
-                  ranker_views: str = "served") -> dict[str, Any] | None:
-    """The report of a loop already run into `folder` with the same shop, sessions, seed, k and ranker views."""
+                  ranker_views: str = "served", shuffle: float = 0.0) -> dict[str, Any] | None:
+    """The report of a loop already run into `folder` with the same shop, sessions, seed, k, ranker views and
+    shuffle."""
     try:
         report = json.loads((folder / "loop.json").read_text())
     except (OSError, ValueError):
         return None
     same = (report.get("shop"), report.get("sessions"), report.get("seed"), report.get("k"),
-            report.get("ranker_views")) == (cfg.data.dir, sessions, seed, k, ranker_views)
+            report.get("ranker_views"), report.get("shuffle", 0.0)) == (cfg.data.dir, sessions, seed, k, ranker_views,
+                                                                        shuffle)
     return report if same else None
 
 

@@ -109,3 +109,17 @@ def test_figures_over_seeds_pair_the_versions_seed_by_seed():
     assert d["per_seed"] == pytest.approx([0.02, -0.02]) and d["positive_seeds"] == 1
     assert s["v2_minus_v1"]["clicks/session"]["mean"] == pytest.approx(0.25)
     assert s["v2_minus_v1"]["clicks/session"]["positive_seeds"] == 2
+
+
+def test_a_finished_loop_is_reused_only_for_the_same_settings_shuffle_included(tmp_path):
+    import json
+
+    from cluster.config import RecsysConfig
+    from cluster.loop import finished_loop
+
+    cfg = RecsysConfig()
+    report = {"shop": cfg.data.dir, "sessions": 100, "seed": 1, "k": 12, "ranker_views": "served", "shuffle": 0.3}
+    (tmp_path / "loop.json").write_text(json.dumps(report))
+    assert finished_loop(tmp_path, cfg, 100, 1, shuffle=0.3) == report
+    assert finished_loop(tmp_path, cfg, 100, 1) is None  # a loop without the shuffle is another loop
+    assert finished_loop(tmp_path, cfg, 100, 2, shuffle=0.3) is None
