@@ -179,7 +179,7 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
 
     from cluster.demo import Phases, bundles_root, ensure_shop, version_train_config
     from cluster.runtime import init_ray
-    from cluster.simulate import events_table, format_summary, simulate, write_result
+    from cluster.simulate import events_table, format_summary, paired, simulate, write_result
     from deployments.store import EMBEDDED
     from training.data.impressions import read_impressions
     from training.data.schemas import read_shop
@@ -255,6 +255,10 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
             r2 = simulate(url, shop_dir, sessions, seed=seed + 1000, k=k, prefix="loop2")
         console.print(format_summary(r2))
         write_result(r2, shop_dir, out / "round2")
+        console.rule(f"paired: the same {sessions} sessions against v1 and against v2 (pinned, no events posted)")
+        with phases.timed("simulate paired"):
+            pair = paired(url, shop_dir, sessions, ("v1", "v2"), seed=seed + 2000, k=k, prefix="loop3")
+        console.print(paired_line(pair))
         logged = read_impressions(cfg.serving.impressions)
         round1_logged = int(pc.sum(pc.starts_with(logged["request_id"], f"loop1-{seed}-")).as_py() or 0)
     finally:
@@ -265,12 +269,24 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
               "test_fraction": frac, "served_events": served.num_rows,
               "served_views": int(pc.sum(pc.equal(served["action"], "view")).as_py()),
               "round1_impressions_logged": round1_logged, "shuffle": shuffle, "replay": replayed,
-              "offline": offline, "round1": {k_: v for k_, v in r1.items() if k_ != "events"},
-              "round2": {k_: v for k_, v in r2.items() if k_ != "events"}, "phases_s": phases.seconds}
+              "offline": offline, "round1": {k_: v for k_, v in r1.items() if k_ not in ("events", "per_session")},
+              "round2": {k_: v for k_, v in r2.items() if k_ not in ("events", "per_session")}, "paired": pair,
+              "phases_s": phases.seconds}
     (out / "loop.json").write_text(json.dumps(report, indent=2, default=float))
     console.print(loop_table(report))
+    console.print(paired_line(pair))
     console.print(phases.table())
     return report
+
+
+def paired_line(pair: dict[str, Any]) -> str:
+    """The paired comparison in one line: second minus first per session, with 95% intervals."""
+    a, b = pair["versions"]
+    c, p = pair["difference"]["clicks_per_session"], pair["difference"]["purchases_per_session"]
+    return (f"paired ({pair['sessions']} sessions each against {a} and {b}): {b} - {a} clicks/session "
+            f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}], purchases/session {p['mean']:+.4f} "
+            f"[{p['lo']:+.4f}, {p['hi']:+.4f}]; {b} ahead in {pair['difference']['second_ahead_share']:.0%} of "
+            f"the sessions, behind in {pair['difference']['second_behind_share']:.0%}")
 
 
 def replay_round(log: str, events: Any, shop_dir: Path, path: Path, answers: int) -> dict[str, Any]:
@@ -337,6 +353,12 @@ def over_seeds(reports: list[dict[str, Any]]) -> dict[str, Any]:
         d = np.array(out["versions"]["v2"][name]["per_seed"]) - np.array(out["versions"]["v1"][name]["per_seed"])
         out["v2_minus_v1"][name] = {"mean": float(np.mean(d)), "std": float(np.std(d)), "per_seed": d.tolist(),
                                     "positive_seeds": int((d > 0).sum())}
+    pairs = [r["paired"]["difference"] for r in reports if r.get("paired")]
+    if pairs:  # the paired round's v2 - v1 per seed, and in how many seeds its interval excludes 0
+        out["paired"] = {m: {"per_seed": [d[m]["mean"] for d in pairs],
+                             "interval_above_zero": sum(d[m]["lo"] > 0 for d in pairs),
+                             "interval_below_zero": sum(d[m]["hi"] < 0 for d in pairs)}
+                         for m in ("clicks_per_session", "purchases_per_session")}
     return out
 
 
@@ -350,6 +372,11 @@ def seeds_table(summary: dict[str, Any]) -> Table:
                  for f in (summary["versions"]["v1"][name], summary["versions"]["v2"][name])]
         d = summary["v2_minus_v1"][name]
         table.add_row(name, *cells, f"{d['mean']:+.4f} ± {d['std']:.4f} ({d['positive_seeds']}/{len(d['per_seed'])})")
+    for m, f in summary.get("paired", {}).items():
+        n = len(f["per_seed"])
+        table.add_row(f"paired v2 - v1 {m.replace('_per_session', '')}/session", "", "",
+                      f"{np.mean(f['per_seed']):+.4f} (interval > 0 in {f['interval_above_zero']}/{n}, "
+                      f"< 0 in {f['interval_below_zero']}/{n})")
     return table
 
 

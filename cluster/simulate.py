@@ -43,10 +43,14 @@ def _post(client: httpx.Client, path: str, body: dict) -> httpx.Response:
 
 
 def simulate(url: str, shop_dir: str | Path, sessions: int, seed: int = 0, k: int = 12, page: str = "home",
-             concurrency: int = 4, prefix: str = "sim", version: str | None = None) -> dict[str, Any]:
-    """Runs `sessions` sessions against the service at `url`; returns the figures (and per-version rates).
+             concurrency: int = 4, prefix: str = "sim", version: str | None = None,
+             post_events: bool = True) -> dict[str, Any]:
+    """Runs `sessions` sessions against the service at `url`; returns the figures (and per-version rates), and
+    per session ("per_session", in session order) its user, clicks and purchases.
 
     `version` pins every request to that live version (the request's `version` field) instead of the split.
+    `post_events` False keeps the users' responses out of the service (nothing reaches `/events`): sessions that
+    only measure, and leave every user's state as it was (`paired`).
 
     Raises:
         ValueError: the shop has no hidden truth (not a synthetic shop), or bad arguments.
@@ -83,10 +87,10 @@ def simulate(url: str, shop_dir: str | Path, sessions: int, seed: int = 0, k: in
                         "context": {"page": page},
                         "timestamp": _iso(served + SCAN_S * (p + 1) + STEP_DELAY_S[action])}
                        for p in np.flatnonzero(done)]
-        e = _post(client, "/events", {"events": events}) if events else None
+        e = _post(client, "/events", {"events": events}) if events and post_events else None
         if e is not None and e.status_code != 200:
             return {"error": f"/events HTTP {e.status_code}"}
-        return {"version": answer["version"], "clicks": int(out.click.sum()), "purchases": int(out.purchase.sum()),
+        return {"session": session, "user": user, "version": answer["version"], "clicks": int(out.click.sum()), "purchases": int(out.purchase.sum()),
                 "shown": len(shown), "relevance@k": float(out.relevance.mean()) if len(shown) else 0.0,
                 "events": events}
 
@@ -109,7 +113,32 @@ def simulate(url: str, shop_dir: str | Path, sessions: int, seed: int = 0, k: in
     return {"url": url, "sessions": sessions, "k": k, "page": page, "seed": seed, "seconds": seconds,
             "errors": len(errors), "error_kinds": sorted(set(errors)), "all": figures(done),
             "by_version": {v: figures([r for r in done if r["version"] == v]) for v in versions},
+            "per_session": [{k_: r[k_] for k_ in ("session", "user", "version", "clicks", "purchases")}
+                            for r in done],
             "events": [e for r in done for e in r["events"]]}
+
+
+def paired(url: str, shop_dir: str | Path, sessions: int, versions: tuple[str, str], seed: int = 0, k: int = 12,
+           page: str = "home", concurrency: int = 4, prefix: str = "pair") -> dict[str, Any]:
+    """A paired online comparison: every session runs once against each of two versions (pinned), with the same
+    user, the same interest and the same random numbers for the funnel (common random numbers), and posts no
+    events, so neither answer changes what the other version knows about the user. The per-session difference
+    (second minus first) carries no user-to-user variance, unlike a split where each version gets other users.
+
+    Returns per version its figures, and "difference": clicks and purchases per session, second minus first, each
+    with its 95% interval, and the share of sessions where the second had more clicks / fewer.
+    """
+    runs = {v: simulate(url, shop_dir, sessions, seed=seed, k=k, page=page, concurrency=concurrency,
+                        prefix=f"{prefix}-{v}", version=v, post_events=False) for v in versions}
+    a, b = ({r["session"]: r for r in runs[v]["per_session"]} for v in versions)
+    both = sorted(set(a) & set(b))
+    diff = {m: np.array([b[s][m] - a[s][m] for s in both], dtype=np.float64) for m in ("clicks", "purchases")}
+    return {"versions": list(versions), "sessions": len(both), "seed": seed,
+            "by_version": {v: runs[v]["all"] for v in versions},
+            "errors": {v: runs[v]["errors"] for v in versions},
+            "difference": {f"{m}_per_session": rate_interval(d) for m, d in diff.items()}
+            | {"second_ahead_share": float((diff["clicks"] > 0).mean()) if both else float("nan"),
+               "second_behind_share": float((diff["clicks"] < 0).mean()) if both else float("nan")}}
 
 
 def events_table(result: dict[str, Any], shop_dir: str | Path) -> pa.Table:

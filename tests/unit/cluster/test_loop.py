@@ -109,6 +109,16 @@ def test_figures_over_seeds_pair_the_versions_seed_by_seed():
     assert d["per_seed"] == pytest.approx([0.02, -0.02]) and d["positive_seeds"] == 1
     assert s["v2_minus_v1"]["clicks/session"]["mean"] == pytest.approx(0.25)
     assert s["v2_minus_v1"]["clicks/session"]["positive_seeds"] == 2
+    assert "paired" not in s  # reports from before the paired round
+
+    def with_pair(r, lo, mean, hi):
+        iv = {"mean": mean, "lo": lo, "hi": hi}
+        return r | {"paired": {"difference": {"clicks_per_session": iv, "purchases_per_session": iv}}}
+
+    s = over_seeds([with_pair(report(1, 0.1, 0.1, 0.5, 0.5), 0.01, 0.05, 0.09),
+                    with_pair(report(2, 0.1, 0.1, 0.5, 0.5), -0.03, 0.01, 0.05)])
+    assert s["paired"]["clicks_per_session"] == {"per_seed": [0.05, 0.01], "interval_above_zero": 1,
+                                                 "interval_below_zero": 0}
 
 
 def test_a_finished_loop_is_reused_only_for_the_same_settings_shuffle_included(tmp_path):
