@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -154,12 +155,15 @@ def _start_ray_if_needed(models: list[RetrievalModel], sections: bool) -> bool:
     return True
 
 
-def _sections(task: RetrievalTask, candidates: np.ndarray, cfg: TrainConfig, out: Path) -> list[dict]:
-    """The later stages' report sections on the same users and candidates: ranking and policy."""
+def _sections(task: RetrievalTask, candidates: np.ndarray, cfg: TrainConfig, out: Path,
+              retriever: Any = None) -> list[dict]:
+    """The later stages' report sections on the same users and candidates: ranking and policy. `retriever`: the
+    fitted model that made the candidates, whose negatives and scores the rankers learn from when it is a two-tower
+    model (`training.evaluation.ranking`)."""
     from training.evaluation.policy import policy_section
     from training.evaluation.ranking import ranking_section
 
-    return [ranking_section(task, candidates, cfg, out), policy_section(task, candidates)]
+    return [ranking_section(task, candidates, cfg, out, retriever=retriever), policy_section(task, candidates)]
 
 
 def _candidate_source(ranked: dict[str, np.ndarray], models: dict) -> str:
@@ -170,8 +174,9 @@ def _candidate_source(ranked: dict[str, np.ndarray], models: dict) -> str:
 
 
 def _fit_and_evaluate(name: str, task: RetrievalTask, cfg: TrainConfig, trials: dict[str, SampledTrials],
-                      log) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
-    """Fits one model on the task and evaluates its top K: (results entry, per-user arrays, ranked lists)."""
+                      log) -> tuple[dict, dict[str, np.ndarray], np.ndarray, Any]:
+    """Fits one model on the task and evaluates its top K: (results entry, per-user arrays, ranked lists, the
+    fitted torch module or None)."""
     model = load_model(name)  # a fresh instance per protocol: nothing learnt under one split leaks into another
     log(f"{task.protocol}: fitting {name}")
     training = model.fit(task, cfg)
@@ -185,7 +190,8 @@ def _fit_and_evaluate(name: str, task: RetrievalTask, cfg: TrainConfig, trials: 
     full = result["full"]
     log(f"{task.protocol}: {name} NDCG@10 {full['ndcg@10']:.4f} Recall@100 {full['recall@100']:.4f} "
         f"Recall@500 {full['recall@500']:.4f}")
-    return result | {"training": training, "recommend_seconds": seconds} | extras, per_user, ranked
+    return (result | {"training": training, "recommend_seconds": seconds} | extras, per_user, ranked,
+            getattr(model, "model", None))
 
 
 SEED_METRICS = ("ndcg@10", "recall@100", "recall@500")  # the figures stated with their spread over seeds
@@ -214,7 +220,7 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
     def log(msg: str, style: str | None = None) -> None:
         console.log(f"[{time.perf_counter() - t_start:,.0f}s] {msg}", style=style)
 
-    models, per_user, ranked_by, failed = {}, {}, {}, {}
+    models, per_user, ranked_by, failed, fitted = {}, {}, {}, {}, {}
     trials = {s: sample_trials(task, 100, s, cfg.seed) for s in SAMPLERS}  # the same negatives for every model
     seeds = tuple(seeds or (cfg.seed,))
     for name in model_names:
@@ -222,7 +228,7 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
             random = not getattr(load_model(name), "deterministic", False)
             runs = [_fit_and_evaluate(name, task, dataclasses.replace(cfg, seed=s), trials, log)
                     for s in (seeds if random else seeds[:1])]
-            models[name], per_user[name], ranked_by[name] = runs[0]
+            models[name], per_user[name], ranked_by[name], fitted[name] = runs[0]
             models[name]["seeds"] = seed_spread([r[0] for r in runs], list(seeds if random else seeds[:1]))
         except Exception as exc:  # noqa: BLE001 - recorded in the report and re-raised by run_eval at the end
             failed[name] = f"{type(exc).__name__}: {exc}"[:2000]
@@ -231,7 +237,7 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
               "failed": failed, "multi_interest_gain": multi_interest_gain(task, per_user), "sections": []}
     if with_sections and models:
         source = _candidate_source(ranked_by, models)
-        result["sections"] = _sections(task, ranked_by[source], cfg, out)
+        result["sections"] = _sections(task, ranked_by[source], cfg, out, fitted.get(source))
         result["section_candidates"] = source
     return result
 

@@ -7,6 +7,12 @@ engagement becomes a positive and `NEGATIVES_PER_POSITIVE` items sampled by popu
 report says so. Every model then re-ranks each evaluated user's retrieval candidates; NDCG@10 of the final list is
 measured against the task's targets.
 
+Given the retrieval model that made the candidates (a two-tower model with `user_tower`), the section trains every
+ranker as a version does (`training.fit.ranker_data`): negatives drawn from retrieval's top
+`ranker_candidate_depth` for each impression's user state (`train.ranker_negatives: retrieved`) and the candidate's
+retrieval score as an input of every model, baselines included (`train.ranker_retrieval_feature`). Without one (or
+with `ranker_negatives: uniform`) the negatives are uniform unshown items and no model sees the score.
+
 Debiasing (synthetic shops only, where the generator's relevance r(user, item) is known): the same ranker is trained
 with and without the position tower, and each one's order of the retrieval candidates is compared with the order by
 true relevance (NDCG@10 with gain r). Logged clicks are r times the examination probability of the display position,
@@ -29,6 +35,7 @@ from training.data.features import (ACTION_ID, ENGAGEMENTS, USER_INPUTS, Feature
                                     item_lookups)
 from training.metrics import log_loss, ndcg_at_k, roc_auc
 from training.models.rank_baselines import BASELINES, BaselineConfig
+from training.fit.ranker_data import item_matrix, retrieval_scores, retrieved_negatives
 from training.fit.train_loop import FitSpec, TrainConfig, batch_size_for, build_model, fit_on_ray
 from training.models.ranker import MultiTaskRanker, RankerConfig, position_bucket
 
@@ -107,16 +114,22 @@ def split_impressions(task: Any, cfg: TrainConfig) -> tuple[Impressions, Impress
     return train, held, source
 
 
-def train_model(name: str, imp: Impressions, task: Any, cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
-    """Trains one model of `model_specs()` on Ray Train; returns it in eval mode and its training info."""
+def train_model(name: str, imp: Impressions, task: Any, cfg: TrainConfig,
+                scores: np.ndarray | None = None) -> tuple[torch.nn.Module, dict]:
+    """Trains one model of `model_specs()` on Ray Train; returns it in eval mode and its training info.
+    `scores`: the impressions' retrieval scores, for a model with the retrieval feature (None: without it)."""
     path, debias = model_specs()[name]
     sizes = task.space.sizes
-    config = (RankerConfig(**sizes, position_debias=debias) if path == RANKER else BaselineConfig(**sizes)).to_dict()
+    feature = scores is not None
+    config = (RankerConfig(**sizes, position_debias=debias, retrieval_feature=feature) if path == RANKER
+              else BaselineConfig(**sizes, retrieval_feature=feature))
     batch = batch_size_for(len(imp), cfg.num_workers, cfg.ranker_batch_size, min_batch=64,
                            min_steps=MIN_STEPS_PER_EPOCH)
-    spec = FitSpec(path, config, MultiTaskRanker.TRAIN_INPUTS, cfg.ranker_epochs, batch, cfg.ranker_lr)
+    inputs = MultiTaskRanker.TRAIN_INPUTS + (("retrieval_score",) if feature else ())
+    spec = FitSpec(path, config.to_dict(), inputs, cfg.ranker_epochs, batch, cfg.ranker_lr)
+    config = config.to_dict()
     f = task.item_features
-    data = imp.as_dict() | item_lookups(f)
+    data = imp.as_dict() | item_lookups(f) | ({"retrieval_score": scores} if feature else {})
     t0 = time.perf_counter()
     # A fresh run name per call: the same name would resume another data set's checkpoint.
     state, history = fit_on_ray(spec, data, cfg, f"ranking-{name}-{uuid.uuid4().hex[:8]}")
@@ -128,10 +141,14 @@ def train_model(name: str, imp: Impressions, task: Any, cfg: TrainConfig) -> tup
 
 
 @torch.inference_mode()
-def impression_probs(model: torch.nn.Module, imp: Impressions, chunk: int = 16384) -> np.ndarray:
-    """(n, T) probabilities per impression, serving path (no position term)."""
-    out = [torch.sigmoid(model.logits(*(torch.from_numpy(getattr(imp, k)[s:s + chunk])
-                                        for k in USER_INPUTS + ("item",)))).numpy()
+def impression_probs(model: torch.nn.Module, imp: Impressions, chunk: int = 16384,
+                     scores: np.ndarray | None = None) -> np.ndarray:
+    """(n, T) probabilities per impression, serving path (no position term); `scores`: their retrieval scores."""
+    def rs(s: int) -> tuple[torch.Tensor, ...]:
+        return (torch.from_numpy(scores[s:s + chunk]),) if scores is not None else ()
+
+    out = [torch.sigmoid(model.scored_logits(*(torch.from_numpy(getattr(imp, k)[s:s + chunk])
+                                               for k in USER_INPUTS + ("item",)), *rs(s))).numpy()
            for s in range(0, len(imp), chunk)]
     return np.concatenate(out) if out else np.zeros((0, len(TASKS)), np.float32)
 
@@ -144,8 +161,9 @@ def per_task_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, dict[st
 
 @torch.inference_mode()
 def candidate_logits(model: torch.nn.Module, users: tuple[np.ndarray, ...], candidates: np.ndarray,
-                     chunk: int = 64) -> np.ndarray:
-    """(n_users, M, T) logits of every user's candidates (invalid ids <= 0 are scored as item 0).
+                     chunk: int = 64, scores: np.ndarray | None = None) -> np.ndarray:
+    """(n_users, M, T) logits of every user's candidates (invalid ids <= 0 are scored as item 0); `scores`:
+    (n_users, M) their retrieval scores, for a model with the retrieval feature.
 
     The transformer ranker encodes each history once; the baselines have no user-side cache and see one row per
     (user, candidate)."""
@@ -155,11 +173,14 @@ def candidate_logits(model: torch.nn.Module, users: tuple[np.ndarray, ...], cand
     for s in range(0, n, chunk):
         inputs = [torch.from_numpy(a[s:s + chunk]) for a in users]
         items = cand[s:s + chunk]  # (c, M)
+        rs = torch.from_numpy(scores[s:s + chunk]) if scores is not None else None
         if isinstance(model, MultiTaskRanker):
-            out.append(model.score(model.encode_user(*inputs), items).numpy())
+            out.append(model.score(model.encode_user(*inputs), items, rs).numpy())
         else:
             rows = torch.arange(len(items)).repeat_interleave(M)  # (c * M,) one row per (user, candidate)
-            out.append(model.logits(*(x[rows] for x in inputs), items.reshape(-1)).view(-1, M, len(TASKS)).numpy())
+            flat = rs.reshape(-1) if rs is not None else None
+            out.append(model.scored_logits(*(x[rows] for x in inputs), items.reshape(-1), flat)
+                       .view(-1, M, len(TASKS)).numpy())
     return np.concatenate(out) if out else np.zeros((0, M, len(TASKS)), np.float32)
 
 
@@ -217,13 +238,16 @@ def learned_position_effect(model: MultiTaskRanker, positions: int = 20) -> list
 
 
 def evaluate_model(model: torch.nn.Module, held: Impressions, users: tuple[np.ndarray, ...], candidates: np.ndarray,
-                   targets: list[np.ndarray], relevance: np.ndarray | None) -> dict[str, Any]:
+                   targets: list[np.ndarray], relevance: np.ndarray | None,
+                   scores: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Per-task AUC/log-loss on held-out impressions, NDCG@10 of the re-ranked candidates, and with the hidden truth
-    the NDCG@10 of the order against true relevance (by the combined score and by the click head alone)."""
-    logits = candidate_logits(model, users, candidates)  # (n, M, T)
+    the NDCG@10 of the order against true relevance (by the combined score and by the click head alone).
+    `scores`: the retrieval scores of the held-out impressions and of the candidates, for a model that takes them."""
+    held_scores, cand_scores = scores if scores is not None else (None, None)
+    logits = candidate_logits(model, users, candidates, scores=cand_scores)  # (n, M, T)
     combined = model.combined(torch.from_numpy(logits)).numpy()  # (n, M)
     fused = fused_with_retrieval(combined)
-    out: dict[str, Any] = {"tasks": per_task_metrics(held.labels, impression_probs(model, held)),
+    out: dict[str, Any] = {"tasks": per_task_metrics(held.labels, impression_probs(model, held, scores=held_scores)),
                            f"ndcg@{K}": ndcg_at_k(rerank(combined, candidates), targets, K),
                            f"fused_ndcg@{K}": ndcg_at_k(rerank(fused, candidates), targets, K)}
     if relevance is not None:
@@ -234,8 +258,34 @@ def evaluate_model(model: torch.nn.Module, held: Impressions, users: tuple[np.nd
     return out
 
 
+def section_training_data(task: Any, logged: Impressions, held: Impressions, users: tuple[np.ndarray, ...],
+                          cands: np.ndarray, cfg: TrainConfig, negatives_per_view: float,
+                          retriever: torch.nn.Module | None) -> tuple[Impressions, str, tuple | None]:
+    """The rankers' training impressions (logged views plus negatives, query context dropped on a share), which
+    negatives they got ("retrieved" or "uniform"), and with the retrieval feature the retrieval scores of the
+    training impressions, the held-out ones and the (n_users, M) candidates (None without it); module docstring."""
+    two_tower = retriever is not None and hasattr(retriever, "user_tower") and hasattr(retriever,
+                                                                                         "item_tower_by_index")
+    negatives = "retrieved" if two_tower and cfg.ranker_negatives == "retrieved" else "uniform"
+    if negatives == "retrieved":
+        train = retrieved_negatives(logged, retriever.eval(), task.space.n_items, negatives_per_view,
+                                    cfg.ranker_candidate_depth, cfg.seed)
+    else:
+        train = add_sampled_negatives(logged, task.space.n_items, negatives_per_view, cfg.seed)
+    train = drop_query_context(train, CONTEXT_DROPOUT, cfg.seed)
+    if not (two_tower and cfg.ranker_retrieval_feature):
+        return train, negatives, None
+    V = item_matrix(retriever.eval(), task.space.n_items)
+
+    def of(imp: Impressions) -> np.ndarray:
+        return retrieval_scores(retriever, (imp.hist_items, imp.hist_actions, imp.hist_ages, imp.context),
+                                imp.item, V)
+    return train, negatives, (of(train), of(held), retrieval_scores(retriever, users, np.maximum(cands, 0), V))
+
+
 def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir: Path,
-                    negatives_per_view: float = UNSHOWN_NEGATIVES) -> dict[str, Any]:
+                    negatives_per_view: float = UNSHOWN_NEGATIVES,
+                    retriever: torch.nn.Module | None = None) -> dict[str, Any]:
     """Trains the transformer ranker (with and without the position tower) and every baseline on the task's
     impressions and compares them; called by the `recsys eval` harness.
 
@@ -244,7 +294,8 @@ def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir
         candidates: (n_users, M) item indices from the retrieval model, aligned with `task.user_ids`; <= 0 = none.
         cfg: training configuration (workers, epochs, batch size, `eval_users` caps the re-ranked users).
         out_dir: where the figure goes.
-        negatives_per_view: unshown items added per training impression as negatives (`add_sampled_negatives`).
+        negatives_per_view: unshown items added per training impression as negatives.
+        retriever: the two-tower model that made `candidates` (module docstring); None for another source.
     Returns:
         {"name": "ranking", "results": JSON-able dict, "markdown": str, "figures": [file names in out_dir]}.
     """
@@ -254,24 +305,26 @@ def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logged, held, source = split_impressions(task, cfg)
-    train = add_sampled_negatives(logged, task.space.n_items, negatives_per_view, cfg.seed)
-    train = drop_query_context(train, CONTEXT_DROPOUT, cfg.seed)
     rows = np.arange(len(task.user_ids))
     if len(rows) > cfg.eval_users:
         rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, size=cfg.eval_users, replace=False))
     users, cands = task.user_inputs(rows), candidates[rows]
+    train, negatives, scores = section_training_data(task, logged, held, users, cands, cfg, negatives_per_view,
+                                                     retriever)
     targets = [task.targets[i] for i in rows]
     relevance = true_relevance_of(task.hidden, np.asarray(task.user_rows)[rows], cands) if task.hidden else None
     results: dict[str, Any] = {
         "dataset": task.dataset, "protocol": task.protocol, "impressions": source, "train_impressions": len(logged),
-        "unshown_negatives_per_view": negatives_per_view, "context_dropout": CONTEXT_DROPOUT,
+        "unshown_negatives_per_view": negatives_per_view, "negatives": negatives,
+        "retrieval_feature": scores is not None, "context_dropout": CONTEXT_DROPOUT,
         "heldout_impressions": len(held), "users": len(rows), "candidates_per_user": int(cands.shape[1]),
         f"retrieval_order_ndcg@{K}": ndcg_at_k(np.where(cands[:, :K] > 0, cands[:, :K], -1), targets, K),
         "models": {}}
     shown = int(np.clip(logged.position.max() + 1, 1, 20))  # positions logged in training (the tower's support)
     for name in model_specs():
-        model, info = train_model(name, train, task, cfg)
-        results["models"][name] = evaluate_model(model, held, users, cands, targets, relevance) | {"training": info}
+        model, info = train_model(name, train, task, cfg, scores[0] if scores is not None else None)
+        results["models"][name] = evaluate_model(model, held, users, cands, targets, relevance,
+                                                 scores[1:] if scores is not None else None) | {"training": info}
         if name == "transformer_ranker" and model.config.position_debias:
             results["learned_position_click_logit"] = learned_position_effect(model, shown)
     figures = []
@@ -298,7 +351,9 @@ def ranking_markdown(results: dict[str, Any]) -> str:
     head += [f"NDCG@{K} vs true r (combined / click / fused)"] if has_truth else []
     head += ["train s"]
     lines = [f"Impressions: {results['impressions']}; {results['train_impressions']:,} train "
-             f"(+ {results.get('unshown_negatives_per_view', 0):g} unshown random negatives per view, category/query "
+             f"(+ {results.get('unshown_negatives_per_view', 0):g} unshown "
+             f"{'retrieved' if results.get('negatives') == 'retrieved' else 'random'} negatives per view"
+             f"{', every model sees the retrieval score' if results.get('retrieval_feature') else ''}, category/query "
              f"context blanked in {results.get('context_dropout', 0):.0%} of rows), "
              f"{results['heldout_impressions']:,} held out (newest {HOLDOUT_FRACTION:.0%}); {results['users']:,} "
              f"users re-rank {results['candidates_per_user']} retrieval candidates (retrieval order NDCG@{K}: "

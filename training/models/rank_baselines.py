@@ -34,6 +34,10 @@ class BaselineConfig(TableSizes):
     task_experts: int = 1  # PLE: experts of each task's own, beside the shared ones
     ple_levels: int = 2  # PLE: extraction levels (the paper's progressive layers); 1 is its single-level CGC
     task_weights: tuple[float, ...] = field(default=(1.0, 0.5, 1.0, 2.0))  # same ordering score as the ranker
+    # The candidate's retrieval score as an input, added to every task logit through a linear map of its
+    # standardised value (the ranker's direct path, `RankerConfig.retrieval_feature`), so a baseline gets the
+    # same first-stage signal as the transformer when the two are compared.
+    retrieval_feature: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "BaselineConfig":
@@ -81,25 +85,48 @@ class _MultiTaskBaseline(nn.Module):
         self.config = config
         self.register_buffer("task_weights", torch.tensor(config.task_weights, dtype=torch.float32))
         self.register_buffer("loss_weights", torch.ones(len(TASKS)))
+        if config.retrieval_feature:
+            self.retrieval_logit = nn.Linear(1, len(TASKS))
+            self.register_buffer("retrieval_mean", torch.zeros(()))
+            self.register_buffer("retrieval_std", torch.ones(()))
 
     @classmethod
     def from_config(cls, d: dict) -> "_MultiTaskBaseline":
         return cls(BaselineConfig.from_dict(d))
 
+    @classmethod
+    def train_inputs(cls, config: BaselineConfig) -> tuple[str, ...]:
+        return cls.TRAIN_INPUTS + (("retrieval_score",) if config.retrieval_feature else ())
+
     def prepare(self, data: dict) -> None:
-        """Fills every item lookup from the training arrays (see `training.fit.train_loop`)."""
+        """Fills every item lookup from the training arrays (see `training.fit.train_loop`), and with the retrieval
+        feature the statistics its scores are standardised with."""
         for m in self.modules():
             if isinstance(m, ItemEmbedding):
                 m.fill_item_features(data)
+        if self.config.retrieval_feature:
+            MultiTaskRanker.prepare_retrieval_statistics(self, data)
 
     combined = MultiTaskRanker.combined
     loss = MultiTaskRanker.loss
 
+    def scored_logits(self, hist_items: Tensor, hist_actions: Tensor, hist_ages: Tensor, context: Tensor,
+                      item: Tensor, retrieval_score: Tensor | None = None) -> Tensor:
+        """`logits` plus, with the retrieval feature, the direct path of the candidates' retrieval scores."""
+        logits = self.logits(hist_items, hist_actions, hist_ages, context, item)
+        if not self.config.retrieval_feature:
+            return logits
+        if retrieval_score is None:
+            raise ValueError("this baseline was trained with retrieval_feature: pass the candidates' retrieval_score")
+        s = (retrieval_score.to(logits.dtype).reshape(-1, 1) - self.retrieval_mean) / self.retrieval_std
+        return logits + self.retrieval_logit(s)
+
     def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
                 context: torch.Tensor, item: torch.Tensor, position: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        """Training loss over `TRAIN_INPUTS`; the position is not a feature of these models."""
-        return self.loss(self.logits(hist_items, hist_actions, hist_ages, context, item), labels)
+                labels: torch.Tensor, retrieval_score: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss over `train_inputs`; the position is not a feature of these models."""
+        return self.loss(self.scored_logits(hist_items, hist_actions, hist_ages, context, item, retrieval_score),
+                         labels)
 
 
 class LogisticRegression(_MultiTaskBaseline):

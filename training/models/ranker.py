@@ -140,11 +140,15 @@ class MultiTaskRanker(nn.Module):
         feature the mean and spread its scores are standardised with."""
         self.items.fill_item_features(data)
         if self.config.retrieval_feature:
-            if "retrieval_score" not in data:
-                raise ValueError("a ranker with retrieval_feature needs a 'retrieval_score' array to train on")
-            s = np.asarray(data["retrieval_score"], dtype=np.float64)
-            self.retrieval_mean.fill_(float(s.mean()) if len(s) else 0.0)
-            self.retrieval_std.fill_(max(float(s.std()), 1e-6) if len(s) else 1.0)
+            self.prepare_retrieval_statistics(data)
+
+    def prepare_retrieval_statistics(self, data: dict) -> None:
+        """The mean and spread the retrieval scores are standardised with (any model with those buffers)."""
+        if "retrieval_score" not in data:
+            raise ValueError("a ranker with retrieval_feature needs a 'retrieval_score' array to train on")
+        s = np.asarray(data["retrieval_score"], dtype=np.float64)
+        self.retrieval_mean.fill_(float(s.mean()) if len(s) else 0.0)
+        self.retrieval_std.fill_(max(float(s.std()), 1e-6) if len(s) else 1.0)
 
     def set_item_features(self, brand: torch.Tensor, category: torch.Tensor, price: torch.Tensor) -> None:
         self.items.set_item_features(brand, category, price)
@@ -199,6 +203,8 @@ class MultiTaskRanker(nn.Module):
                context: torch.Tensor, item: torch.Tensor, retrieval_score: torch.Tensor | None = None) -> torch.Tensor:
         """(N, L) x3, (N, C), (N,) one impression per row -> (N, T) serving logits."""
         return self.score(self.encode_user(hist_items, hist_actions, hist_ages, context), item, retrieval_score)
+
+    scored_logits = logits  # the name every ranking model shares (`training.models.rank_baselines`)
 
     def position_logits(self, position: torch.Tensor) -> torch.Tensor:
         """(N,) logged positions -> (N, T) additive training-only logits (zeros without the position tower)."""

@@ -47,19 +47,55 @@ def test_true_relevance_of_reads_the_generator_truth_by_row():
     assert rel[1, 0] == pytest.approx(true_relevance(shop.hidden, np.array(7), np.array(1)))
 
 
-@pytest.mark.parametrize("make", [lambda: MultiTaskRanker(RankerConfig(**SIZES)),
-                                  lambda: DeepFM(BaselineConfig(**SIZES))])
-def test_candidate_logits_equal_one_row_per_candidate(make):
+@pytest.mark.parametrize("feature", [False, True])
+@pytest.mark.parametrize("make", [lambda f: MultiTaskRanker(RankerConfig(**SIZES, retrieval_feature=f)),
+                                  lambda f: DeepFM(BaselineConfig(**SIZES, retrieval_feature=f))])
+def test_candidate_logits_equal_one_row_per_candidate(make, feature):
     torch.manual_seed(0)
-    model = make().eval()
+    model = make(feature).eval()
     users = tuple(x.numpy() for x in toy_batch(B=3))
     cands = np.array([[4, 8, 15], [16, 23, 42], [1, 2, 3]])
-    got = candidate_logits(model, users, cands, chunk=2)
+    scores = np.random.default_rng(0).standard_normal(cands.shape).astype(np.float32) if feature else None
+    got = candidate_logits(model, users, cands, chunk=2, scores=scores)
     with torch.inference_mode():
         for u in range(3):
             rows = [torch.from_numpy(a[u:u + 1]).repeat(3, 1) for a in users]
-            want = model.logits(*rows, torch.from_numpy(cands[u])).numpy()
+            rs = (torch.from_numpy(scores[u]),) if feature else ()
+            want = model.scored_logits(*rows, torch.from_numpy(cands[u]), *rs).numpy()
             np.testing.assert_allclose(got[u], want, atol=1e-5)
+
+
+def test_the_section_trains_on_retrieved_negatives_and_scores_when_it_has_the_two_tower_model():
+    """As a version does: negatives from the two-tower's own top items for each impression's user state, and the
+    retrieval score of every training, held-out and candidate row; another source gets uniform negatives only."""
+    from training.data.splits import temporal
+    from training.data.synthetic import generate_shop
+    from training.evaluation.ranking import section_training_data, split_impressions
+    from training.fit.ranker_data import item_matrix, retrieval_scores, top_retrieved
+    from training.evaluation.harness import load_model
+    from training.fit.train_loop import TrainConfig, build_model
+
+    task = temporal(generate_shop("tiny", 0), max_users=40)
+    cfg = TrainConfig(ranker_candidate_depth=20)
+    spec = load_model("two_tower").fit_spec(task, cfg)
+    torch.manual_seed(0)
+    tower = build_model(spec.model, spec.model_config).eval()  # untrained: its scores are its own all the same
+    logged, held, _ = split_impressions(task, cfg)
+    rows = np.arange(40)
+    users = task.user_inputs(rows)
+    cands = np.arange(1, 41)[None].repeat(40, 0)
+    train, negatives, scores = section_training_data(task, logged, held, users, cands, cfg, 1.0, tower)
+    assert negatives == "retrieved" and len(train) == 2 * len(logged)
+    added = train.position == -1  # the added negatives (every logged view of the shop has its position)
+    assert added.sum() == len(logged) and (train.labels[added] == 0).all()
+    state = (train.hist_items[added], train.hist_actions[added], train.hist_ages[added], train.context[added])
+    top = top_retrieved(tower, state, 21, item_matrix(tower, task.space.n_items))
+    assert np.mean([i in t for i, t in zip(train.item[added], top)]) > 0.95  # retrieval's top, not the catalog
+    s_train, s_held, s_cands = scores
+    assert s_train.shape == (len(train),) and s_held.shape == (len(held),) and s_cands.shape == cands.shape
+    np.testing.assert_allclose(s_cands, retrieval_scores(tower, users, cands), rtol=1e-5, atol=1e-5)
+    train_u, negatives_u, scores_u = section_training_data(task, logged, held, users, cands, cfg, 1.0, None)
+    assert negatives_u == "uniform" and scores_u is None and len(train_u) == 2 * len(logged)
 
 
 def test_engagement_impressions_label_engagements_and_sample_negatives():

@@ -81,3 +81,23 @@ def test_ple_with_one_level_is_a_cgc_and_bad_settings_are_refused():
     assert one.logits(*toy_batch(B=4), torch.arange(1, 5)).shape == (4, len(TASKS))
     with pytest.raises(ValueError, match="ple_levels"):
         _model("ple", ple_levels=0)
+
+
+@pytest.mark.parametrize("name", ["deepfm", "esmm"])
+def test_a_baseline_with_the_retrieval_feature_needs_the_score_and_learns_from_it(name):
+    from training.models.embeddings import ITEM_LOOKUPS
+
+    model = _model(name, retrieval_feature=True)
+    assert model.train_inputs(model.config)[-1] == "retrieval_score"
+    assert _model(name).train_inputs(_model(name).config) == MultiTaskRanker.TRAIN_INPUTS
+    inputs, item = toy_batch(B=256, seed=5), torch.randint(1, SIZES["n_items"], (256,))
+    with pytest.raises(ValueError, match="retrieval_score"):
+        model.scored_logits(*inputs, item)
+    score = torch.randn(256) * 3.0 - 7.0
+    model.prepare({k: np.zeros(SIZES["n_items"], np.int64) for k in ITEM_LOOKUPS} | {"retrieval_score": score.numpy()})
+    assert abs(model.retrieval_mean.item() - score.mean().item()) < 1e-4
+    labels = (score > -7.0).float()[:, None].expand(-1, len(TASKS)).contiguous()  # only the score says anything
+    fit_full_batch(model, (*inputs, item, torch.full((256,), -1), labels, score), steps=150, lr=1e-2)
+    model.eval()
+    p = torch.sigmoid(model.scored_logits(*inputs, item, score))[:, 0].detach().numpy()
+    assert roc_auc(labels[:, 0].numpy(), p) > 0.95
