@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from training.data import synthetic
 from training.data.impressions import label_impressions, read_impressions, read_policy_inputs
@@ -74,8 +75,8 @@ def load_served(log: str | Path, events: pa.Table, window_s: float = 3600.0,
     imp = read_impressions(log)
     inputs = read_policy_inputs(log)
     if version is not None:
-        imp = imp.filter(pa.compute.equal(imp["version"], version))
-        inputs = inputs.filter(pa.compute.equal(inputs["version"], version))
+        imp = imp.filter(pc.equal(imp["version"], version))
+        inputs = inputs.filter(pc.equal(inputs["version"], version))
     labelled = label_impressions(imp, events, window_s)
     shown: dict[str, dict[int, tuple[str, bool, bool]]] = {}
     for rid, pos, item, click, buy in zip(*(labelled[c].to_pylist() for c in

@@ -75,6 +75,7 @@ def result(shop, logged):
     folder, events = logged
     requests, counts = load_served(folder, events, window_s=WINDOW_S)
     assert counts == {"impressions": SESSIONS * K, "answers_with_inputs": SESSIONS, "answers_without_inputs": 0}
+    assert load_served(folder, events, window_s=WINDOW_S, version="v2")[1]["answers_with_inputs"] == 0
     return served_replay(requests, shop, {"no_shuffle": {"shuffle_epsilon": 0.0},
                                           "diversity_off": {"brand_diversity": False, "shuffle_epsilon": 0.0}},
                          bootstrap=200)
