@@ -11,6 +11,7 @@ DLRM (Naumov et al. 2019), ESMM (Ma et al. 2018, "Entire Space Multi-Task Model"
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -149,7 +150,7 @@ class DeepFM(_MultiTaskBaseline):
     def __init__(self, config: BaselineConfig) -> None:
         super().__init__(config)
         c = config
-        self.linear = LogisticRegression(c)
+        self.linear = LogisticRegression(dataclasses.replace(c, retrieval_feature=False))  # the score: once, here
         self.fields = FieldEmbedding(c, c.dim)
         self.fm_out = nn.Linear(c.dim, len(TASKS), bias=False)  # the FM sum over dims, learned per task
         self.deep = _mlp(N_FIELDS * c.dim, c.hidden, len(TASKS))

@@ -83,6 +83,14 @@ def test_ple_with_one_level_is_a_cgc_and_bad_settings_are_refused():
         _model("ple", ple_levels=0)
 
 
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_with_the_retrieval_feature_every_parameter_gets_a_gradient(name):
+    """Distributed training (DDP) fails on a parameter the loss does not reach."""
+    model = _model(name, retrieval_feature=True)
+    model(*toy_batch(B=6), torch.arange(1, 7), torch.full((6,), 3), torch.zeros(6, len(TASKS)), torch.randn(6)).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 @pytest.mark.parametrize("name", ["deepfm", "esmm"])
 def test_a_baseline_with_the_retrieval_feature_needs_the_score_and_learns_from_it(name):
     from training.models.embeddings import ITEM_LOOKUPS
