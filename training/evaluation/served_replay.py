@@ -26,7 +26,7 @@ Truth. For a synthetic shop the expected click rate of any list is known: the it
 probability r(user, interest, item) x examination(k), and bought with probability
 r x examination(k) x min(1, P_CART_SCALE r) x P_PURCHASE, both averaged over the user's interests by their weights
 (`item_values`, the funnel of `training.evaluation.simulate`). The truth of a target is its expected rate on the
-same requests, over its own shuffle (`expected_rates`).
+same requests, with their own exploration draws, over its own shuffle (`expected_rates`).
 """
 from __future__ import annotations
 
