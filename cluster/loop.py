@@ -84,7 +84,7 @@ def offline_on(bundle_dir: str | Path, shop, test_fraction: float, max_users: in
     from training.data.splits import temporal
     from training.evaluation.ranking import true_relevance_of
     from training.fit.bundle import load_bundle
-    from training.fit.offline_metrics import KS, ORDER_CANDIDATES, ORDER_USERS, ranker_reorder
+    from training.fit.offline_metrics import KS, ORDER_CANDIDATES, ORDER_USERS, fused_order, ranker_reorder
     from training.metrics import evaluate_ranked, ndcg_at_k
     from training.models.retrieval_baselines import recommend_by_chunks
 
@@ -109,7 +109,7 @@ def offline_on(bundle_dir: str | Path, shop, test_fraction: float, max_users: in
         ranked = recommend_by_chunks(task, ORDER_CANDIDATES, score_rows)
         n = min(len(ranked), ORDER_USERS)
         reranked = ranker_reorder(ranker, ranked[:n], task, tower, slice(0, n))
-    orders = {"retrieval": ranked[:n], "ranker": reranked}
+    orders = {"retrieval": ranked[:n], "ranker": reranked, "fused": fused_order(ranked[:n], reranked)}
     serves = b.config.get("retrieval", {}).get("order", "ranker")
     targets = task.targets[:n]
     out: dict[str, Any] = {"version": b.version, "users": int(n), "serves": serves,

@@ -59,13 +59,17 @@ def offline_figures(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def order_flags(metrics: Mapping[str, Any]) -> list[str]:
     """What the gate reports without refusing: a ranker that orders retrieval's candidates worse than retrieval does
-    on the held-out users (training's `serving_order`). Such a version serves retrieval's order, so it is flagged,
-    not stopped."""
+    on the held-out users (training's `serving_order`). Such a version serves retrieval's order or the two orders'
+    fusion, whichever did better, so it is flagged, not stopped."""
     order = metrics.get("serving_order") or {}
-    if order.get("serve") != "retrieval":
+    ranker, retrieval = order.get("ranker_ndcg@10"), order.get("retrieval_ndcg@10")
+    loses = ranker < retrieval if ranker is not None and retrieval is not None else order.get("serve") == "retrieval"
+    if not loses:
         return []
-    return [f"ranker loses to retrieval's own order offline (NDCG@10 {order.get('ranker_ndcg@10', float('nan')):.4f} "
-            f"against {order.get('retrieval_ndcg@10', float('nan')):.4f}): the version serves retrieval's order"]
+    nan = float("nan")
+    return [f"ranker loses to retrieval's own order offline (NDCG@10 {nan if ranker is None else ranker:.4f} "
+            f"against {nan if retrieval is None else retrieval:.4f}): the version serves "
+            f"{order.get('serve', 'retrieval')}'s order"]
 
 
 def _check(name: str, value: Any, threshold: Any, passed: bool, detail: str = "") -> dict[str, Any]:

@@ -38,6 +38,7 @@ from training.models.rank_baselines import BASELINES, BaselineConfig
 from training.fit.ranker_data import item_matrix, retrieval_scores, retrieved_negatives
 from training.fit.train_loop import FitSpec, TrainConfig, batch_size_for, build_model, fit_on_ray
 from training.models.ranker import MultiTaskRanker, RankerConfig, position_bucket
+from training.request.ranking import RRF_K, fuse_with_retrieval
 
 RANKER = "training.models.ranker:MultiTaskRanker"
 HOLDOUT_FRACTION = 0.1  # the newest 10% of impressions: the same temporal logic as the retrieval split
@@ -192,18 +193,10 @@ def rerank(scores: np.ndarray, candidates: np.ndarray, k: int = K) -> np.ndarray
     return np.where(np.take_along_axis(s, order, axis=1) > -np.inf, top, -1)
 
 
-RRF_K = 60  # the reciprocal-rank-fusion constant of Cormack et al. (SIGIR 2009): no tuning on our data
-
-
 def fused_with_retrieval(scores: np.ndarray) -> np.ndarray:
-    """(n, M) ranker scores of candidates in retrieval order -> (n, M) reciprocal-rank fusion of both orders.
-
-    Tests whether the ranker adds to retrieval rather than replacing its order: 1/(RRF_K + ranker rank) +
-    1/(RRF_K + retrieval rank), ranks from 1.
-    """
-    ranker_rank = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1, kind="stable") + 1
-    retrieval_rank = np.arange(1, scores.shape[1] + 1)[None, :]
-    return 1.0 / (RRF_K + ranker_rank) + 1.0 / (RRF_K + retrieval_rank)
+    """(n, M) ranker scores of candidates in retrieval order -> (n, M) reciprocal-rank fusion of both orders, the
+    order a version serves as "fused" (`training.request.ranking.fuse_with_retrieval`)."""
+    return fuse_with_retrieval(scores)
 
 
 def graded_ndcg(order_scores: np.ndarray, relevance: np.ndarray, valid: np.ndarray, k: int = K) -> float:

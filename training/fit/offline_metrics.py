@@ -81,17 +81,38 @@ def ranker_reorder(ranker: torch.nn.Module, cands: np.ndarray, task, retriever: 
     return reranked
 
 
+def fused_order(cands: np.ndarray, reranked: np.ndarray) -> np.ndarray:
+    """(n, M) retrieval's lists and the ranker's re-ordering of them (0 = none) -> (n, M) their reciprocal-rank
+    fusion (`training.request.ranking.fuse_with_retrieval`), the order a version serves as "fused"."""
+    from training.request.ranking import RRF_K
+
+    out = np.zeros_like(cands)
+    for r, (c, rr) in enumerate(zip(cands, reranked)):
+        valid = c[c > 0]
+        ranker_rank = {int(i): j + 1 for j, i in enumerate(rr[rr > 0])}
+        score = np.array([1.0 / (RRF_K + ranker_rank[int(i)]) + 1.0 / (RRF_K + j + 1) for j, i in enumerate(valid)])
+        out[r, :len(valid)] = valid[np.argsort(-score, kind="stable")]
+    return out
+
+
+def best_order(ndcg: dict[str, float]) -> str:
+    """The order to serve from each order's offline NDCG: the best; on a tie the ranker's, then the fused one."""
+    return max(("ranker", "fused", "retrieval"), key=lambda o: (ndcg[o], -("ranker", "fused", "retrieval").index(o)))
+
+
 def serving_order(ranker: torch.nn.Module, ranked: np.ndarray, task, k: int = 10,
                   max_users: int = ORDER_USERS, retriever: torch.nn.Module | None = None) -> dict:
-    """Which order a version serves: the ranker's order of retrieval's candidates, or retrieval's own order when
-    the ranker makes the list worse offline (NDCG@k against the held-out targets, same users and candidates).
+    """Which order a version serves: the ranker's order of retrieval's candidates, their fusion with retrieval's
+    order, or retrieval's own order, whichever is best offline (NDCG@k against the held-out targets, same users
+    and candidates; `best_order`).
 
     Args:
         ranker: the version's ranker (eval mode); ranked: (n_users, >= ORDER_CANDIDATES) retrieval's lists for the
             task's users, best first, 0 = none; task: the held-out task (`user_inputs`, `targets`).
         retriever: the version's retrieval model, whose scores a ranker with `retrieval_feature` takes.
     Returns:
-        {"serve": "ranker" | "retrieval", "ranker_ndcg@10", "retrieval_ndcg@10", "users", "candidates"}.
+        {"serve": "ranker" | "fused" | "retrieval", "ranker_ndcg@10", "fused_ndcg@10", "retrieval_ndcg@10",
+        "users", "candidates"}.
     """
     from training.metrics import ndcg_at_k
 
@@ -99,7 +120,8 @@ def serving_order(ranker: torch.nn.Module, ranked: np.ndarray, task, k: int = 10
     cands = np.asarray(ranked[:n, :ORDER_CANDIDATES], dtype=np.int64)
     reranked = ranker_reorder(ranker, cands, task, retriever, slice(0, n))
     targets = task.targets[:n]
-    ranker_ndcg, retrieval_ndcg = ndcg_at_k(reranked, targets, k), ndcg_at_k(cands, targets, k)
-    return {"serve": "ranker" if ranker_ndcg >= retrieval_ndcg else "retrieval",
-            f"ranker_ndcg@{k}": float(ranker_ndcg), f"retrieval_ndcg@{k}": float(retrieval_ndcg),
+    ndcg = {"ranker": float(ndcg_at_k(reranked, targets, k)), "fused": float(ndcg_at_k(fused_order(cands, reranked),
+                                                                                         targets, k)),
+            "retrieval": float(ndcg_at_k(cands, targets, k))}
+    return {"serve": best_order(ndcg), **{f"{o}_ndcg@{k}": v for o, v in ndcg.items()},
             "users": int(n), "candidates": int(cands.shape[1])}

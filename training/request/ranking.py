@@ -14,7 +14,18 @@ from training.request.contracts import MAX_NEW_KEPT, RankedList, RankRequest
 from training.request.forward import ForwardIndex
 
 
-ORDERS = ("ranker", "retrieval")
+ORDERS = ("ranker", "retrieval", "fused")
+RRF_K = 60  # the reciprocal-rank-fusion constant of Cormack et al. (SIGIR 2009): no tuning on our data
+
+
+def fuse_with_retrieval(scores: np.ndarray) -> np.ndarray:
+    """(..., M) ranker scores of candidates in retrieval's order -> (..., M) reciprocal-rank fusion of both orders,
+    1 / (RRF_K + ranker rank) + 1 / (RRF_K + retrieval rank), ranks from 1: the ranker re-orders within what
+    retrieval already agrees on instead of replacing its order."""
+    scores = np.asarray(scores)
+    ranker_rank = np.argsort(np.argsort(-scores, axis=-1, kind="stable"), axis=-1, kind="stable") + 1
+    retrieval_rank = np.arange(1, scores.shape[-1] + 1)
+    return 1.0 / (RRF_K + ranker_rank) + 1.0 / (RRF_K + retrieval_rank)
 
 
 class RankingCore:
@@ -25,8 +36,9 @@ class RankingCore:
         """Args:
             model: the bundle's ranker (eval mode); space: its feature space.
             forward: the version's item attributes, which the ranked lists carry to the policy.
-            order: "ranker" (its order) or "retrieval" (retrieval's own order and scores, when the version's
-                evaluation found the ranker makes the list worse: `training.fit.offline_metrics.serving_order`).
+            order: "ranker" (its order), "retrieval" (retrieval's own order and scores) or "fused" (the two
+                orders' reciprocal-rank fusion, `fuse_with_retrieval`): the one the version's evaluation found
+                best offline (`training.fit.offline_metrics.serving_order`).
         """
         if order not in ORDERS:
             raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
@@ -52,6 +64,8 @@ class RankingCore:
                      if self.uses_retrieval_score else None)
         scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _, _ in pools],
                                   retrieval)
+        if self.order == "fused":  # the pool is in retrieval's order (pinned items after the candidates)
+            scores = [fuse_with_retrieval(s).astype(np.float32) for s in scores]
         return [self._ranked(r, idx, reasons, s, n) for r, (idx, reasons, n), s in zip(requests, pools, scores)]
 
     def _user_scores(self, req: RankRequest, n: int) -> np.ndarray:

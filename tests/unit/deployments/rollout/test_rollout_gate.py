@@ -160,3 +160,7 @@ def test_a_ranker_that_loses_to_retrieval_order_is_flagged_not_refused():
     (flag,) = order_flags(loses)
     assert "0.0800" in flag and "0.1200" in flag and "serves retrieval's order" in flag
     assert order_flags({"serving_order": {"serve": "ranker"}}) == [] and order_flags({}) == []
+    fused = {"serving_order": {"serve": "fused", "ranker_ndcg@10": 0.10, "fused_ndcg@10": 0.14,
+                               "retrieval_ndcg@10": 0.12}}
+    (flag,) = order_flags(fused)  # the ranker alone still loses: flagged, and the fusion is what serves
+    assert "serves fused's order" in flag

@@ -87,7 +87,8 @@ def test_ple_with_one_level_is_a_cgc_and_bad_settings_are_refused():
 def test_with_the_retrieval_feature_every_parameter_gets_a_gradient(name):
     """Distributed training (DDP) fails on a parameter the loss does not reach."""
     model = _model(name, retrieval_feature=True)
-    model(*toy_batch(B=6), torch.arange(1, 7), torch.full((6,), 3), torch.zeros(6, len(TASKS)), torch.randn(6)).backward()
+    labels = torch.zeros(6, len(TASKS))
+    model(*toy_batch(B=6), torch.arange(1, 7), torch.full((6,), 3), labels, torch.randn(6)).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 

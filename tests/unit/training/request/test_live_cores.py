@@ -101,6 +101,36 @@ def test_a_version_that_serves_retrieval_order_keeps_the_candidates_order(bundle
         RankingCore(bundle.ranker(), bundle.space, core.forward, order="random")
 
 
+def test_a_version_that_serves_the_fused_order_ranks_by_the_fusion_of_both_orders(bundle):
+    from training.request.ranking import RRF_K, fuse_with_retrieval
+
+    forward = RankingCore.from_bundle(bundle).forward
+    features = RetrievalCore.from_bundle(bundle).encode(
+        RetrievalRequest({"items": [], "actions": [], "timestamps": [], "bought_at": {}}, {}, 4), 0.0)
+    items = np.asarray([9, 3, 7, 5, 12, 2], np.int64)
+    cands = Candidates(features, items, np.linspace(1, 0, 6).astype(np.float32), ("retrieval",) * 6)
+    by_ranker = RankingCore(bundle.ranker(), bundle.space, forward).rank([RankRequest(cands, 6)])[0]
+    fused = RankingCore(bundle.ranker(), bundle.space, forward, order="fused").rank([RankRequest(cands, 6)])[0]
+    ranker_rank = {i: j + 1 for j, i in enumerate(by_ranker.item_ids)}
+    ids = [forward.item_ids[i] for i in items]
+    want = sorted(ids, key=lambda i: -(1 / (RRF_K + ranker_rank[i]) + 1 / (RRF_K + ids.index(i) + 1)))
+    assert fused.item_ids == want and list(fused.scores) == sorted(fused.scores, reverse=True)
+    np.testing.assert_allclose(fuse_with_retrieval(np.array([[0.0, 1.0]])), [[1 / 62 + 1 / 61, 1 / 61 + 1 / 62]])
+
+
+def test_the_best_of_three_orders_is_served_and_a_tie_keeps_the_ranker(bundle):
+    from training.fit.offline_metrics import best_order, fused_order
+
+    assert best_order({"ranker": 0.1, "fused": 0.2, "retrieval": 0.15}) == "fused"
+    assert best_order({"ranker": 0.2, "fused": 0.2, "retrieval": 0.2}) == "ranker"
+    assert best_order({"ranker": 0.1, "fused": 0.15, "retrieval": 0.15}) == "fused"
+    assert best_order({"ranker": 0.1, "fused": 0.12, "retrieval": 0.15}) == "retrieval"
+    # The ranker swaps the first two of retrieval's three: by reciprocal ranks the fusion keeps a tie in
+    # retrieval's order, and a padded slot stays empty.
+    cands, reranked = np.array([[5, 6, 7, 0]]), np.array([[6, 5, 7, 0]])
+    assert fused_order(cands, reranked).tolist() == [[5, 6, 7, 0]]
+
+
 def test_the_serving_order_check_prefers_retrieval_when_the_ranker_does_worse(bundle):
     from training.data.splits import leave_last_out
     from training.data.synthetic import generate_shop
@@ -114,6 +144,7 @@ def test_the_serving_order_check_prefers_retrieval_when_the_ranker_does_worse(bu
         ranked[u] = np.r_[t[:1], others]
     out = serving_order(bundle.ranker(), ranked, task)  # an untrained ranker cannot beat a perfect first slot
     assert out["serve"] == "retrieval" and out["retrieval_ndcg@10"] == pytest.approx(1.0)
+    assert out["fused_ndcg@10"] < 1.0  # nor can its fusion with retrieval, which moves the target down
     assert out["ranker_ndcg@10"] < 1.0 and out["users"] == 60 and out["candidates"] == 500
     worst = np.roll(ranked, -1, axis=1)  # the target last: any ranker order is at least as good
     assert serving_order(bundle.ranker(), worst, task)["serve"] == "ranker"
