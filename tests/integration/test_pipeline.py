@@ -179,7 +179,7 @@ def test_health_and_versions_report_every_live_version(tiny_stack):
     assert all(v["index"]["n_items"] == 2000 for v in versions)
     for v in versions:  # which order each serves, and the offline figures that decided it
         order = v["order"]
-        assert order["serve"] in ("ranker", "retrieval") and order["users"] > 0
+        assert order["serve"] in ("ranker", "fused", "retrieval") and order["users"] > 0
         better = "ranker" if order["ranker_ndcg@10"] >= order["retrieval_ndcg@10"] else "retrieval"
         assert order["serve"] == better
 

@@ -160,7 +160,7 @@ def test_a_served_period_pinned_to_one_version_becomes_the_next_versions_data(ti
     assert shop.events.num_rows == read_shop(tiny_stack["shop"]).events.num_rows + served.num_rows
     frac = held_out_fraction(shop.events.num_rows, served.num_rows)
     offline = offline_on(tiny_stack["bundles"]["v1"], shop, frac, max_users=100, seed=0)
-    assert offline["users"] > 0 and offline["serves"] in ("ranker", "retrieval")
+    assert offline["users"] > 0 and offline["serves"] in ("ranker", "fused", "retrieval")
     assert offline["final_ndcg@10"] == offline[f"{offline['serves']}_ndcg@10"]
 
 

@@ -70,7 +70,8 @@ class RetrievalCore:
             model_name: the registry name the version was trained with; `MULTI_INTEREST` picks the multi-query path.
             conditions: the multi-interest model's explicit-condition settings (ignored otherwise).
             score_for_ranker: fill `Candidates.user_scores` (about a millisecond per 500 candidates): only a version
-                whose ranker orders its list and takes retrieval scores needs them.
+                whose ranker orders its list (alone or fused with retrieval's order) and takes retrieval scores
+                needs them.
         """
         self.model, self.space, self.item_category = model, space, item_category
         self.multi_interest = model_name == MULTI_INTEREST
@@ -91,7 +92,7 @@ class RetrievalCore:
         """The core of a `training.fit.bundle.Bundle` (its retrieval model, items and recorded settings)."""
         retrieval = bundle.config.get("retrieval", {})
         ranker_takes_scores = (bundle.config.get("ranker", {}).get("retrieval_feature", False)
-                               and retrieval.get("order", "ranker") == "ranker")
+                               and retrieval.get("order", "ranker") != "retrieval")  # ranker or fused
         return cls(bundle.two_tower(), bundle.space, bundle.item_features().category_idx,
                    bundle.items.column("popularity").to_numpy(), ForwardIndex(bundle.items),
                    retrieval.get("model", ""), ConditionConfig.from_dict(retrieval.get("conditions")),

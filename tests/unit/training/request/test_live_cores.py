@@ -3,6 +3,8 @@ version's own item tower, never returns a deleted item, offers new items to cold
 to the bundle and carries their attributes."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,10 @@ def test_serving_sends_the_ranker_the_retrieval_score_its_training_examples_carr
 
     core = RetrievalCore.from_bundle(bundle)
     assert not core.score_for_ranker  # this bundle's ranker takes no retrieval score: none is computed
+    for order, wanted in (("ranker", True), ("fused", True), ("retrieval", False)):  # a ranker that takes them
+        config = {**bundle.config, "ranker": {**bundle.config.get("ranker", {}), "retrieval_feature": True},
+                  "retrieval": {**bundle.config.get("retrieval", {}), "order": order}}
+        assert RetrievalCore.from_bundle(dataclasses.replace(bundle, config=config)).score_for_ranker == wanted
     core.score_for_ranker = True
     req = RetrievalRequest({"items": list(core.forward.item_ids[1:4]), "actions": ["click"] * 3,
                             "timestamps": [1.0, 2.0, 3.0], "bought_at": {}}, {}, 20)
