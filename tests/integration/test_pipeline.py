@@ -102,7 +102,9 @@ def test_unknown_user_gets_a_marked_cold_start_answer(tiny_stack):
     body = post(tiny_stack, "/recommend", {"user_id": "never-seen-before", "k": 30}).json()
     assert body["cold_start"] is True
     reasons = {i["reason"] for i in body["items"]}
-    assert {"cold_start:popular", "cold_start:new"} <= reasons
+    # Popular and new items both: a new one may have come through the cold-start list or been explored into a slot
+    # (a version serving the fused order ranks the long cold-start list's new items lower than its popular ones).
+    assert "cold_start:popular" in reasons and reasons & {"cold_start:new", "policy:explore"}
 
 
 def test_posted_events_are_visible_to_the_next_recommend(tiny_stack):
@@ -173,6 +175,8 @@ def test_bad_events_get_a_422_naming_the_field(tiny_stack):
 
 
 def test_health_and_versions_report_every_live_version(tiny_stack):
+    from training.fit.offline_metrics import best_order
+
     assert httpx.get(f"{tiny_stack['url']}/healthz", timeout=30).status_code == 200
     versions = httpx.get(f"{tiny_stack['url']}/versions", timeout=30).json()["versions"]
     assert {v["version"]: v["weight"] for v in versions} == {"v1": 90.0, "v2": 10.0}
@@ -180,8 +184,7 @@ def test_health_and_versions_report_every_live_version(tiny_stack):
     for v in versions:  # which order each serves, and the offline figures that decided it
         order = v["order"]
         assert order["serve"] in ("ranker", "fused", "retrieval") and order["users"] > 0
-        better = "ranker" if order["ranker_ndcg@10"] >= order["retrieval_ndcg@10"] else "retrieval"
-        assert order["serve"] == better
+        assert order["serve"] == best_order({o: order[f"{o}_ndcg@10"] for o in ("ranker", "fused", "retrieval")})
 
 
 def test_weights_change_live_without_failed_requests(tiny_stack):

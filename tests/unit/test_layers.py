@@ -34,7 +34,12 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
                 found.extend((child.lineno, f"{child.module}.{a.name}") for a in child.names)
             visit(child)
 
-    visit(ast.parse(path.read_text(), filename=str(path)))
+    source = path.read_text()
+    try:
+        tree = ast.parse(source, filename=str(path))
+    except SystemError:  # CPython 3.11's "AST constructor recursion depth mismatch" when another thread of the
+        tree = ast.parse(source, filename=str(path))  # session (Ray, Serve in local mode) was in the parser
+    visit(tree)
     return found
 
 
