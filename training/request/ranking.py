@@ -65,7 +65,11 @@ class RankingCore:
         scores = score_candidates(self.model, *stacked, [np.where(idx <= known, idx, 0) for idx, _, _ in pools],
                                   retrieval)
         if self.order == "fused":  # the pool is in retrieval's order (pinned items after the candidates)
-            scores = [fuse_with_retrieval(s).astype(np.float32) for s in scores]
+            # A cold-start list's order is its popular / new interleave, not a relevance ranking to fuse with: it
+            # keeps that order, so the answer shows both kinds (as a version serving retrieval's order does).
+            scores = [self._retrieval_scores(r, len(idx)) if r.candidates.cold_start
+                      else fuse_with_retrieval(s).astype(np.float32)
+                      for r, (idx, _, _), s in zip(requests, pools, scores)]
         return [self._ranked(r, idx, reasons, s, n) for r, (idx, reasons, n), s in zip(requests, pools, scores)]
 
     def _user_scores(self, req: RankRequest, n: int) -> np.ndarray:

@@ -118,6 +118,10 @@ def test_a_version_that_serves_the_fused_order_ranks_by_the_fusion_of_both_order
     want = sorted(ids, key=lambda i: -(1 / (RRF_K + ranker_rank[i]) + 1 / (RRF_K + ids.index(i) + 1)))
     assert fused.item_ids == want and list(fused.scores) == sorted(fused.scores, reverse=True)
     np.testing.assert_allclose(fuse_with_retrieval(np.array([[0.0, 1.0]])), [[1 / 62 + 1 / 61, 1 / 61 + 1 / 62]])
+    cold = RetrievalCore.from_bundle(bundle).cold_start(features, 40)  # a cold-start list keeps its interleave
+    out = RankingCore(bundle.ranker(), bundle.space, forward, order="fused").rank([RankRequest(cold, 40)])[0]
+    assert out.item_ids == [forward.item_ids[i] for i in cold.item_idx]
+    assert out.reasons[:2] == ["cold_start:popular", "cold_start:new"]
 
 
 def test_the_best_of_three_orders_is_served_and_a_tie_keeps_the_ranker(bundle):
