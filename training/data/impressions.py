@@ -9,6 +9,10 @@ user's purchases, the resolved policy), under `<folder>/_requests/` (a folder st
 impression reader, as in Hive-style datasets) or in each Redis entry's "request" field, so that
 `training.evaluation.served_replay` can re-run any policy on the requests that were served.
 
+`condition_triples` keeps, of the items an explicit condition retrieved, those the user then engaged with: the
+(condition, user, item) triples the multi-interest model's conditions learn from (written beside a loop shop's
+tables).
+
 `label_impressions` joins them with the events that followed, point-in-time correct: an impression served at s is
 labelled with the user's click / add_to_cart / purchase of that item at a time t with s < t <= s + window. An event
 at or before s never labels it (it happened before the item was shown: the label would leak the past), nor does
@@ -24,6 +28,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from training.data.schemas import CONDITIONS_FILE
 
 IMPRESSIONS_SCHEMA = pa.schema([
     pa.field("request_id", pa.string(), nullable=False),
@@ -150,23 +156,78 @@ def label_impressions(impressions: pa.Table, events: pa.Table, window_s: float =
         events: EVENTS_SCHEMA rows (user_id, item_id, timestamp, action), any order.
         window_s: how long after the impression an action still counts as its outcome.
     """
+    out = impressions
+    for label in LABELS:
+        out = out.append_column(label, pa.array(~np.isnan(_first_outcome(impressions, events, label, window_s))))
+    return out
+
+
+def _first_outcome(impressions: pa.Table, events: pa.Table, label: str, window_s: float) -> np.ndarray:
+    """(n,) float ms of the first `label` event of the same user and item strictly after each impression and within
+    `window_s`; NaN where there is none."""
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")
+    out = np.full(impressions.num_rows, np.nan)
+    chosen = events.filter(pc.is_in(events["action"], pa.array(list(LABEL_ACTIONS[label]))))
+    if impressions.num_rows == 0 or chosen.num_rows == 0:
+        return out
     imp = pd.DataFrame({"row": np.arange(impressions.num_rows),
                         "user_id": impressions["user_id"].to_pylist(), "item_id": impressions["item_id"].to_pylist(),
                         "t": impressions["served_at"].cast(pa.int64()).to_numpy()})
-    out = impressions
-    window_ms = int(window_s * 1000)
-    for label in LABELS:
-        chosen = events.filter(pc.is_in(events["action"], pa.array(list(LABEL_ACTIONS[label]))))
-        ev = pd.DataFrame({"user_id": chosen["user_id"].to_pylist(), "item_id": chosen["item_id"].to_pylist(),
-                           "t_event": chosen["timestamp"].cast(pa.int64()).to_numpy()})
-        hit = np.zeros(len(imp), dtype=bool)
-        if len(imp) and len(ev):
-            # The first event strictly after each impression of the same user and item, within the window.
-            joined = pd.merge_asof(imp.sort_values("t"), ev.sort_values("t_event"), left_on="t", right_on="t_event",
-                                   by=["user_id", "item_id"], direction="forward", allow_exact_matches=False,
-                                   tolerance=window_ms)
-            hit[joined["row"].to_numpy()] = joined["t_event"].notna().to_numpy()
-        out = out.append_column(label, pa.array(hit))
+    ev = pd.DataFrame({"user_id": chosen["user_id"].to_pylist(), "item_id": chosen["item_id"].to_pylist(),
+                       "t_event": chosen["timestamp"].cast(pa.int64()).to_numpy()})
+    joined = pd.merge_asof(imp.sort_values("t"), ev.sort_values("t_event"), left_on="t", right_on="t_event",
+                           by=["user_id", "item_id"], direction="forward", allow_exact_matches=False,
+                           tolerance=int(window_s * 1000))
+    out[joined["row"].to_numpy()] = joined["t_event"].to_numpy(dtype=np.float64)
     return out
+
+
+CONDITION_REASON = "condition:category="  # the reason of an item an explicit condition retrieved
+CONDITIONS_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("timestamp", pa.timestamp("ms", tz="UTC"), nullable=False),  # of the engagement (the click)
+    pa.field("category", pa.string(), nullable=False),  # the condition that retrieved the item
+])
+
+
+def condition_triples(impressions: pa.Table, events: pa.Table, window_s: float = 3600.0) -> pa.Table:
+    """The logged (condition, user, item) triples: every impression an explicit condition retrieved (reason
+    "condition:category=<c>") that the user then engaged with (a click or more, within `window_s`), with the time of
+    that engagement; `CONDITIONS_SCHEMA` rows, the first triple per (user, item, time).
+
+    The condition is associated with the engagement when it is logged, as the conditional-retrieval design intends:
+    the multi-interest model's conditioned query learns that this user, under this condition, engages with this
+    item (`training.fit.retrieval.MultiInterestRetrieval`), not only that an item belongs to its category.
+    """
+    reason = impressions["reason"]
+    chosen = impressions.filter(pc.starts_with(reason, CONDITION_REASON))
+    t = _first_outcome(chosen, events, "click", window_s)
+    hit = ~np.isnan(t)
+    rows = chosen.filter(pa.array(hit))
+    table = pa.table({"user_id": rows["user_id"], "item_id": rows["item_id"],
+                      "timestamp": pa.array(t[hit].astype(np.int64), pa.int64()).cast(CONDITIONS_SCHEMA.field(
+                          "timestamp").type),
+                      "category": pc.utf8_slice_codeunits(rows["reason"], len(CONDITION_REASON))},
+                     schema=CONDITIONS_SCHEMA)
+    df = table.to_pandas().drop_duplicates(["user_id", "item_id", "timestamp"])
+    return pa.Table.from_pandas(df, schema=CONDITIONS_SCHEMA, preserve_index=False).sort_by("timestamp")
+
+
+def write_condition_triples(triples: pa.Table, shop_dir: str | Path) -> Path:
+    """Writes `triples` (`CONDITIONS_SCHEMA`) beside a shop's tables."""
+    path = Path(shop_dir) / CONDITIONS_FILE
+    pq.write_table(triples.select(CONDITIONS_SCHEMA.names).cast(CONDITIONS_SCHEMA), path)
+    return path
+
+
+def read_condition_triples(shop_dir: str | Path) -> pa.Table | None:
+    """A shop's logged condition triples, or None when it has none (a shop that no served log fed)."""
+    path = Path(shop_dir) / CONDITIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path, schema=CONDITIONS_SCHEMA)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: not a table of condition triples ({e})") from e

@@ -67,6 +67,8 @@ EVENTS_SCHEMA = pa.schema(
 )
 
 _SHOP_FILES = (("catalog", CATALOG_SCHEMA), ("users", USERS_SCHEMA), ("events", EVENTS_SCHEMA))
+# Beside them, optional: the (condition, user, item) triples of a served log (`training.data.impressions`).
+CONDITIONS_FILE = "conditions.parquet"
 
 
 class SchemaError(ValueError):
@@ -292,9 +294,11 @@ class Shop:
 
 
 def write_shop(shop: Shop, out_dir: str | Path) -> None:
-    """Writes a shop folder: the three Parquet files, shop.json and hidden/<key>.npy."""
+    """Writes a shop folder: the three Parquet files, shop.json and hidden/<key>.npy. A folder's logged condition
+    triples (`CONDITIONS_FILE`) belong to the shop written before and are removed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONDITIONS_FILE).unlink(missing_ok=True)
     for (stem, schema), table in zip(_SHOP_FILES, (shop.catalog, shop.users, shop.events)):
         write_table(table, out_dir / f"{stem}.parquet", schema)
     (out_dir / "shop.json").write_text(json.dumps(shop.meta, indent=2, sort_keys=True) + "\n")
@@ -361,12 +365,13 @@ def snapshot_id(path: str | Path) -> str:
     """A short, stable content hash of a shop folder: the data snapshot id recorded in model bundles.
 
     Returns:
-        The first 16 hex digits of the sha256 over catalog, users and events Parquet bytes, in that order.
+        The first 16 hex digits of the sha256 over catalog, users and events Parquet bytes, in that order, and
+        the logged condition triples' where the shop has them (they are training data too).
     """
     path = Path(path)
     digest = hashlib.sha256()
-    for stem, _ in _SHOP_FILES:
-        file = path / f"{stem}.parquet"
+    files = [path / f"{stem}.parquet" for stem, _ in _SHOP_FILES]
+    for file in files + [f for f in [path / CONDITIONS_FILE] if f.is_file()]:
         if not file.is_file():
             raise SchemaError(f"{path}: no such file {file}")
         with file.open("rb") as fh:

@@ -14,11 +14,15 @@ from deployments.ingress.impressions import ImpressionLog, ParquetSink, RedisSin
 from training.data.impressions import (
     IMPRESSIONS_SCHEMA,
     POLICY_INPUTS_SCHEMA,
+    condition_triples,
     label_impressions,
+    read_condition_triples,
     read_impressions,
     read_policy_inputs,
+    write_condition_triples,
 )
-from training.data.schemas import TIMESTAMP
+from training.data.schemas import TIMESTAMP, snapshot_id, write_shop
+from training.data.synthetic import generate_shop
 from training.request.contracts import RankedList
 from training.request.policy_config import PolicyConfig
 
@@ -140,6 +144,37 @@ def test_labels_are_point_in_time_correct():
     assert wide["click"].to_pylist() == [False, True, True]
     with pytest.raises(ValueError, match="window_s"):
         label_impressions(imp, events, window_s=0)
+
+
+def test_condition_triples_are_the_engagements_an_explicit_condition_led_to(tmp_path):
+    def shown(user: str, item: str, reason: str, position: int) -> dict:
+        return {"request_id": f"r-{user}", "user_id": user, "version": "v2", "surface": "home", "position": position,
+                "item_id": item, "score": 1.0, "reason": reason, "propensity": 1.0, "served_at": int(T0 * 1000)}
+
+    imp = pa.Table.from_pylist([shown("u1", "a", "condition:category=shoes", 0), shown("u1", "b", "interest:0", 1),
+                                shown("u1", "c", "condition:category=bags", 2),
+                                shown("u2", "a", "condition:category=shoes", 0)], schema=IMPRESSIONS_SCHEMA)
+    ms = lambda s: int((T0 + s) * 1000)
+    events = pa.table({"user_id": ["u1", "u1", "u1", "u1", "u2", "u1"], "item_id": ["a", "a", "b", "c", "a", "a"],
+                       "timestamp": pa.array([ms(20), ms(40), ms(25), ms(-5), ms(30), ms(50)], type=TIMESTAMP),
+                       "action": ["click", "purchase", "click", "click", "view", "view"]})
+    triples = condition_triples(imp, events, window_s=3600)
+    # u1/a: the click (the first engagement) after the shoes condition showed it; u1/b came from an interest; u1/c
+    # was clicked before it was shown; u2/a was only viewed.
+    assert triples.to_pylist() == [{"user_id": "u1", "item_id": "a", "timestamp": triples["timestamp"][0].as_py(),
+                                    "category": "shoes"}]
+    assert triples["timestamp"].cast(pa.int64()).to_pylist() == [ms(20)]
+    shop = tmp_path / "shop"
+    write_shop(generate_shop("tiny", seed=0), shop)
+    before = snapshot_id(shop)
+    assert read_condition_triples(shop) is None
+    write_condition_triples(triples, shop)
+    assert read_condition_triples(shop).equals(triples) and snapshot_id(shop) != before  # training data too
+    write_shop(generate_shop("tiny", seed=0), shop)  # a new shop in the folder: the old triples are not its own
+    assert read_condition_triples(shop) is None and snapshot_id(shop) == before
+    (shop / "conditions.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="conditions.parquet"):
+        read_condition_triples(shop)
 
 
 def test_a_folder_without_a_log_is_an_error_naming_it(tmp_path):
