@@ -19,9 +19,11 @@ import uuid
 from dataclasses import fields
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from training.data.examples import tower_examples
+from training.data.impressions import CONDITIONS_SCHEMA
 from training.data.features import engagements_of, item_lookups
 from training.data.splits import RetrievalTask
 from training.fit.offline_metrics import item_vectors
@@ -40,11 +42,14 @@ SEED_TWO_TOWER_CLASS = "training.models.two_tower:SeedTwoTower"
 SASREC_CLASS = "training.models.sasrec:SASRec"
 
 
-def tower_data(task: RetrievalTask, drop_repeats: bool = True) -> dict[str, np.ndarray]:
+def tower_data(task: RetrievalTask, drop_repeats: bool = True,
+               conditions: pa.Table | None = None) -> dict[str, np.ndarray]:
     """Two-tower training arrays (`TOWER_INPUTS`, lookups, `item_counts`) from the task's training events.
 
     With `drop_repeats`, only a user's first engagement with an item is an example (the purchase after the click
     is dropped): every protocol excludes seen items from the ranking, so learning to repeat them is wasted capacity.
+    With `conditions` (logged triples, `training.data.impressions.CONDITIONS_SCHEMA`), a "condition" array gives
+    each example the category index of the explicit condition that retrieved its target, 0 where none did.
     """
     ex = tower_examples(task.train_events, task.space, task.item_features.category_idx)
     keep = np.ones(len(ex), dtype=bool)
@@ -54,8 +59,31 @@ def tower_data(task: RetrievalTask, drop_repeats: bool = True) -> dict[str, np.n
         keep = np.zeros(len(ex), dtype=bool)
         keep[order[np.unique(pair, return_index=True)[1]]] = True  # np.unique returns each pair's first index
     data = {k: getattr(ex, k)[keep] for k in TOWER_INPUTS}
+    if conditions is not None:
+        data["condition"] = logged_conditions(task, conditions, ex.user_code[keep], data["target"],
+                                              ex.time_ms[keep])
     counts = np.bincount(data["target"], minlength=task.space.n_items + 1)
     return data | item_lookups(task.item_features) | {"item_counts": counts}
+
+
+def logged_conditions(task: RetrievalTask, triples: pa.Table, user_code: np.ndarray, target: np.ndarray,
+                      time_ms: np.ndarray) -> np.ndarray:
+    """(n,) int64 category index of the logged condition of each (user, target, time) example: the triple of the
+    same user and item whose engagement is that example's; 0 where no triple is, or its category is unknown."""
+    out = np.zeros(len(target), dtype=np.int64)
+    if triples.num_rows == 0 or len(target) == 0:
+        return out
+    umap = engagements_of(task.train_events, task.space).user_map  # the codes `tower_examples` gives
+    codes = np.fromiter((umap.get(u, -1) for u in triples["user_id"].to_pylist()), dtype=np.int64,
+                        count=triples.num_rows)
+    items = task.space.lookup("item_ids", triples["item_id"].to_pylist())
+    t = triples["timestamp"].cast(pa.int64()).to_numpy()
+    category = task.space.lookup("categories", triples["category"].to_pylist())
+    logged = {(int(c), int(i), int(ms)): int(g) for c, i, ms, g in zip(codes, items, t, category)
+              if c >= 0 and i > 0 and g > 0}  # a triple naming no known user, item or category trains nothing
+    for r, key in enumerate(zip(user_code.tolist(), target.tolist(), time_ms.tolist())):
+        out[r] = logged.get(key, 0)
+    return out
 
 
 def sasrec_data(task: RetrievalTask, length: int | None = None) -> dict[str, np.ndarray]:
@@ -291,13 +319,32 @@ class MultiInterestRetrieval(_NeuralRetrieval):
     name = "multi_interest"
     model_class = "training.models.multi_interest:MultiInterestModel"
     config_cls = MultiInterestConfig
+    inputs = (*TOWER_INPUTS, "condition")
 
     def __init__(self, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  run_name: str | None = None, conditions: dict | None = None, **model_config) -> None:
         """conditions: `ConditionConfig` fields (where explicit conditions come from, the relevance filter); a
-        version trained with this adapter records them in its bundle, so serving runs the same settings."""
+        version trained with this adapter records them in its bundle, so serving runs the same settings.
+
+        `logged_conditions` (set before `fit`): the (condition, user, item) triples of what an earlier version
+        served (`training.data.impressions.condition_triples`); each engagement an explicit condition led to
+        trains that condition's query. None: the conditions learn from the target's category alone."""
         super().__init__(epochs, batch_size, lr, run_name, **model_config)
         self.conditions = ConditionConfig.from_dict(conditions)
+        self.logged_conditions: pa.Table | None = None
+        self.condition_examples = 0  # examples of the last fit with a logged condition
+
+    def fit(self, task: RetrievalTask, cfg: TrainConfig) -> dict:
+        """`_NeuralRetrieval.fit`, reporting "condition_examples": the examples a logged condition trained."""
+        info = super().fit(task, cfg)
+        return info | {"condition_examples": self.condition_examples}
+
+    def training_data(self, task: RetrievalTask) -> dict[str, np.ndarray]:
+        """The two-tower's examples, each with the condition logged for it ("condition", 0 = none)."""
+        data = tower_data(task, conditions=self.logged_conditions if self.logged_conditions is not None
+                          else CONDITIONS_SCHEMA.empty_table())
+        self.condition_examples = int((data["condition"] > 0).sum())
+        return data
 
     def recommend(self, task: RetrievalTask, k: int) -> np.ndarray:
         """(n_users, k) int64 item indices best first, seen items excluded, 0 = no item."""

@@ -22,6 +22,7 @@ from training.data.splits import temporal
 from training.models.embeddings import ITEM_INIT
 from training.models.ranker import MultiTaskRanker, RankerConfig
 from training.request.clock import parse_iso
+from training.data.impressions import read_condition_triples
 from training.data.schemas import read_shop, snapshot_id
 from training.fit.train_loop import RANKER, FitSpec, TrainConfig, build_model, fit_on_ray
 
@@ -145,7 +146,11 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
     run_id = training_run_id(shop_dir, cfg)
     retriever = load_model(cfg.retrieval_model)
     retriever.run_name = f"{version}-{cfg.retrieval_model}-{run_id}"
+    if hasattr(retriever, "logged_conditions"):  # the multi-interest model learns from what conditions led to
+        retriever.logged_conditions = read_condition_triples(shop_dir)
     tower_info = retriever.fit(task, cfg)
+    if "condition_examples" in tower_info:
+        _log(f"{tower_info['condition_examples']:,} examples trained their logged explicit condition")
     tower = retriever.model
 
     history = engagements_of(task.train_events, space)
@@ -180,7 +185,8 @@ def train_version(shop_dir: str | Path, bundles_dir: str | Path, version: str, c
                "retrieval_model": cfg.retrieval_model,
                "protocol": "global temporal split, full-catalog ranking, already-seen items excluded",
                "training": {"retrieval": tower_info["history"], "ranker": ranker_hist,
-                            "retrieval_validation": tower_info.get("validation")},
+                            "retrieval_validation": tower_info.get("validation"),
+                            "condition_examples": tower_info.get("condition_examples")},
                "ranker_shared_from": str(ranker_from) if shared is not None else None, "serving_order": order,
                "train_seconds": time.perf_counter() - t_start,
                "data_end_time": shop.meta.get("end_time")}  # serving's clock (training.request.clock)

@@ -7,8 +7,9 @@ taste. Behaviours pass one self-attention block (with recency positions, as in t
 routing: on a 20k-item synthetic shop it raised Recall@500 of users with 3+ true interests from 0.70 to 0.72, which
 is what puts the multi-interest model ahead of the single-vector seed model.
 
-Explicit interests cross a condition (a category) into the same user MLP; the model learns them by taking the
-target's category as the condition on a share of the examples. Conditions at request time: the page's category,
+Explicit interests cross a condition (a category) into the same user MLP; the model learns them from the logged
+(condition, user, item) triples of what it served (an engagement with an item a condition retrieved trains that
+condition's query), and, on a share of the other examples, by taking the target's category as the condition. Conditions at request time: the page's category,
 a category named in the search query, and the categories the user "follows" (there is no follow data: the ones they
 engaged with most in their recent history, see `ConditionConfig`). At serving every interest and condition is one ANN
 query; `merge_interests` shares the top k between them by quota and records why each item is there.
@@ -225,8 +226,14 @@ class MultiInterestModel(nn.Module):
                                     in_batch=self.config.in_batch)
 
     def forward(self, hist_items: torch.Tensor, hist_actions: torch.Tensor, hist_ages: torch.Tensor,
-                context: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Sampled-softmax loss of the target's interest plus that of the conditioned query on a share of rows."""
+                context: torch.Tensor, target: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Sampled-softmax loss of the target's interest plus that of the conditioned query.
+
+        condition: (B,) category index of the explicit condition that retrieved the target when it was served
+        (a logged triple, `training.data.impressions.condition_triples`), 0 where none did. Those rows always train
+        the conditioned query on their logged condition; of the rest, a `condition_share` trains it on the
+        target's own category.
+        """
         B = target.shape[0]
         tokens, mask = self.behaviours(hist_items, hist_actions, hist_ages)  # encoded once for both losses
         ctx = self.context(context)  # (B, D)
@@ -238,6 +245,11 @@ class MultiInterestModel(nn.Module):
             pick = assign_interest(vectors, cap_mask, pos)  # (B,)
         loss = self._loss(vectors[torch.arange(B, device=target.device), pick], pos, target, neg, neg_items, neg_log_q)
         rows = torch.rand(B, device=target.device) < self.config.condition_share
+        category = self.items.item_category[target]
+        if condition is not None:
+            logged = condition > 0
+            rows |= logged
+            category = torch.where(logged, condition, category)
         rows[0] = True  # at least one row, so every parameter gets a gradient each step (DDP waits for all of them)
-        cond = self._conditioned(u_hat[rows], mask[rows], ctx[rows], self.items.item_category[target[rows]])
+        cond = self._conditioned(u_hat[rows], mask[rows], ctx[rows], category[rows])
         return loss + self._loss(cond, pos[rows], target[rows], neg, neg_items, neg_log_q)

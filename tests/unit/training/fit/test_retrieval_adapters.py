@@ -273,3 +273,33 @@ def test_parse_search_reads_the_command_line_form():
                                                                       "dim": [32, 64]}
     with pytest.raises(ValueError, match="--search"):
         parse_search("lr")
+
+
+
+def test_the_multi_interest_examples_carry_the_condition_logged_for_their_engagement(task):
+    """A triple gives its category to the example whose user, item and time are its engagement's; a triple of an
+    unknown user, of another time or of an unknown category gives none."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from training.data.impressions import CONDITIONS_SCHEMA
+
+    adapter = MultiInterestRetrieval()
+    assert (adapter.training_data(task)["condition"] == 0).all()  # no served log: nothing logged
+    # clicks on items the user engaged with only once: each is an example of its own (no repeat drops it)
+    engaged = task.train_events.filter(pc.is_in(task.train_events["action"],
+                                                pa.array(["click", "wishlist", "add_to_cart", "purchase"])))
+    pairs = list(zip(engaged["user_id"].to_pylist(), engaged["item_id"].to_pylist()))
+    once = {p for p in pairs if pairs.count(p) == 1} if len(pairs) < 50_000 else set()
+    clicks = [(u, i, t) for (u, i), a, t in zip(pairs, engaged["action"].to_pylist(), engaged["timestamp"].to_pylist())
+              if a == "click" and (u, i) in once][:40]
+    categories = task.space.categories
+    rows = [{"user_id": u, "item_id": i, "timestamp": t, "category": categories[r % len(categories)]}
+            for r, (u, i, t) in enumerate(clicks)]
+    stray = [dict(rows[0], user_id="nobody"), dict(rows[1], category="no-such-category"),
+             dict(rows[2], timestamp=rows[2]["timestamp"].replace(year=2001))]
+    adapter.logged_conditions = pa.Table.from_pylist(rows + stray, schema=CONDITIONS_SCHEMA)
+    data = adapter.training_data(task)
+    assert len(rows) == 40 and adapter.condition_examples == len(rows)
+    got = sorted(data["condition"][data["condition"] > 0].tolist())
+    assert got == sorted(task.space.lookup("categories", [r["category"] for r in rows]).tolist())

@@ -145,21 +145,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_a_trained_two_interest_user_is_served_both_interests(one_thread):
+def _fit(data: dict[str, np.ndarray], inputs: tuple[str, ...], steps: int = 150) -> MultiInterestModel:
     torch.manual_seed(0)
-    data = _two_interest_data()
     model = MultiInterestModel(MultiInterestConfig(**SIZES, dim=16, max_interests=2, temperature=0.1))
     model.prepare(data)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    inputs = ("hist_items", "hist_actions", "hist_ages", "context", "target")
     order = np.random.default_rng(0).permutation(len(data["target"]))
-    for step in range(150):
+    for step in range(steps):
         idx = order[(step * 64) % len(order):][:64]
         loss = model(*(torch.from_numpy(data[k][idx]) for k in inputs))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+
+def test_a_trained_two_interest_user_is_served_both_interests(one_thread):
+    data = _two_interest_data()
+    inputs = ("hist_items", "hist_actions", "hist_ages", "context", "target")
+    model = _fit(data, inputs)
     user = {k: data[k][:1] for k in inputs[:4]}  # user 0 engages with categories 1 and 2
     q = interest_queries(model, *user.values(), [[]], ["c1", "c2", "c3"])
     assert len(q.xq) == 2
@@ -200,5 +205,23 @@ def test_a_bundle_rebuilds_the_multi_interest_model_for_serving(tmp_path):
     torch.testing.assert_close(loaded.item_tower_by_index(items), model.item_tower_by_index(items))
 
 
-
-
+def test_a_logged_condition_teaches_its_query_what_users_engaged_with_under_it(one_thread):
+    """A third of the examples were served under condition "category 3" (a promotion page, say) and engaged with
+    items 1-5 (category 1). Learnt from the logged triples, that condition's query finds items 1-5; learnt from the
+    target's category alone (the same examples, no condition logged), it finds category 3 as before."""
+    data = _two_interest_data()
+    promoted = np.arange(len(data["target"])) % 3 == 0
+    data["target"] = np.where(promoted, 1 + np.arange(len(promoted)) % 5, data["target"])
+    data["item_counts"] = np.bincount(data["target"], minlength=61)
+    inputs = ("hist_items", "hist_actions", "hist_ages", "context", "target", "condition")
+    share = {}
+    for name, condition in (("logged", np.where(promoted, 3, 0)), ("unlogged", np.zeros(len(promoted), np.int64))):
+        model = _fit(data | {"condition": condition.astype(np.int64)}, inputs)
+        with torch.no_grad():
+            q = model.condition_tower(*(torch.from_numpy(data[k][:60]) for k in inputs[:4]),
+                                      torch.full((60,), 3)).numpy()
+        scores = q @ item_vectors(model).T
+        scores[:, 0] = -np.inf
+        top = np.argsort(-scores, axis=1)[:, :5]
+        share[name] = float((top <= 5).mean())
+    assert share["logged"] > 0.6 and share["unlogged"] < 0.2, share
