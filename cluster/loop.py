@@ -31,20 +31,24 @@ from cluster.config import RecsysConfig
 
 console = Console(width=max(Console().width, 180))  # the loop's table is wide; a log file gets all of it
 HELD_OUT_SHARE = 0.5  # the later half of the served events: v2's held-out period, and the offline comparison's
-LOOP_MODELS = ("two_tower", "two_tower_in_batch")  # retrieval models the offline comparison scores by dot product
+# retrieval models the offline comparison can score: by one dot product, or the multi-interest model's queries
+LOOP_MODELS = ("two_tower", "two_tower_in_batch", "multi_interest")
 
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def loop_shop(shop_dir: str | Path, served: pa.Table, out: str | Path) -> Path:
+def loop_shop(shop_dir: str | Path, served: pa.Table, out: str | Path, conditions: pa.Table | None = None) -> Path:
     """Writes `out`: the shop at `shop_dir` with the events of its served period `served` (EVENTS_SCHEMA rows, all
     after the shop's last event) appended; its meta records where the served period starts (`served_from`) and ends.
+    `conditions`: the served period's logged (condition, user, item) triples
+    (`training.data.impressions.condition_triples`), written beside the tables for the multi-interest model.
 
     Raises:
         ValueError: no served events, or served events before the shop's end (the loop's data must move forward).
     """
+    from training.data.impressions import write_condition_triples
     from training.data.schemas import Shop, read_shop, snapshot_id, write_shop
 
     shop = read_shop(shop_dir)
@@ -60,8 +64,26 @@ def loop_shop(shop_dir: str | Path, served: pa.Table, out: str | Path) -> Path:
     events = pa.concat_tables([shop.events, served.select(shop.events.schema.names).cast(shop.events.schema)])
     meta = dict(shop.meta) | {"end_time": _iso(last), "served_from": _iso(first), "served_events": served.num_rows,
                               "loop_of": snapshot_id(shop_dir)}
+    if conditions is not None:
+        meta["condition_triples"] = conditions.num_rows
     write_shop(Shop(shop.catalog, shop.users, events, meta, dict(shop.hidden)), out)
+    if conditions is not None:
+        write_condition_triples(conditions, out)
     return Path(out)
+
+
+def served_log(log: str, prefix: str, answers: int, timeout_s: float = 30.0) -> pa.Table:
+    """The impressions of the requests whose id starts with `prefix`, once `answers` of them are in the log (the
+    ingress flushes every few seconds, off the request path), or what is there after `timeout_s`."""
+    from training.data.impressions import read_impressions
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        logged = read_impressions(log)
+        logged = logged.filter(pc.starts_with(logged["request_id"], prefix))
+        if len(pc.unique(logged["request_id"])) >= answers or time.monotonic() >= deadline:
+            return logged
+        time.sleep(1.0)
 
 
 def held_out_fraction(n_events: int, n_served: int, share: float = HELD_OUT_SHARE) -> float:
@@ -85,13 +107,14 @@ def offline_on(bundle_dir: str | Path, shop, test_fraction: float, max_users: in
     from training.evaluation.ranking import true_relevance_of
     from training.fit.bundle import load_bundle
     from training.fit.offline_metrics import KS, ORDER_CANDIDATES, ORDER_USERS, fused_order, ranker_reorder
+    from training.fit.retrieval import MultiInterestRetrieval
     from training.metrics import evaluate_ranked, ndcg_at_k
     from training.models.retrieval_baselines import recommend_by_chunks
 
     b = load_bundle(bundle_dir)
     model = b.config.get("retrieval", {}).get("model")
     if model not in LOOP_MODELS:
-        raise ValueError(f"{bundle_dir}: the loop compares two-tower versions ({list(LOOP_MODELS)}), not {model!r}")
+        raise ValueError(f"{bundle_dir}: the loop compares versions of {list(LOOP_MODELS)}, not {model!r}")
     task = temporal(shop, test_fraction, max_users=max_users, seed=seed, history_len=b.space.history_len,
                     space=b.space)
     if len(task.user_ids) == 0:
@@ -106,7 +129,12 @@ def offline_on(bundle_dir: str | Path, shop, test_fraction: float, max_users: in
             scores[:, 0] = -torch.inf
             return scores.numpy()
 
-        ranked = recommend_by_chunks(task, ORDER_CANDIDATES, score_rows)
+        if model == "multi_interest":  # one query per interest and explicit condition, merged as serving does
+            adapter = MultiInterestRetrieval(conditions=b.config["retrieval"].get("conditions"))
+            adapter.model = tower
+            ranked = adapter.recommend(task, ORDER_CANDIDATES)
+        else:
+            ranked = recommend_by_chunks(task, ORDER_CANDIDATES, score_rows)
         n = min(len(ranked), ORDER_USERS)
         reranked = ranker_reorder(ranker, ranked[:n], task, tower, slice(0, n))
     orders = {"retrieval": ranked[:n], "ranker": reranked, "fused": fused_order(ranked[:n], reranked)}
@@ -177,11 +205,11 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
     """
     from ray import serve
 
-    from cluster.demo import Phases, bundles_root, ensure_shop, version_train_config
+    from cluster.demo import Phases, ensure_shop, version_train_config
     from cluster.runtime import init_ray
     from cluster.simulate import events_table, format_summary, paired, simulate, write_result
     from deployments.store import EMBEDDED
-    from training.data.impressions import read_impressions
+    from training.data.impressions import condition_triples, read_impressions
     from training.data.schemas import read_shop
     from training.fit.bundle import MANIFEST
     from training.fit.train_loop import RANKER_VIEWS
@@ -190,7 +218,7 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
     if sessions < 2:
         raise ValueError(f"--sessions must be >= 2 (half of the served period is held out), got {sessions}")
     if cfg.train.retrieval_model not in LOOP_MODELS:
-        raise ValueError(f"train.retrieval_model: the loop compares two-tower versions {list(LOOP_MODELS)}, got "
+        raise ValueError(f"train.retrieval_model: the loop compares versions of {list(LOOP_MODELS)}, got "
                          f"{cfg.train.retrieval_model!r}")
     if not 0.0 <= shuffle <= 1.0:
         raise ValueError(f"--shuffle must be in [0, 1], got {shuffle}")
@@ -209,7 +237,7 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
         init_ray()
 
     v1_cfg = dataclasses.replace(version_train_config(cfg, "v1", 0), retrieval_model=cfg.train.retrieval_model)
-    v1 = bundles_root(cfg, shop_dir) / "v1"  # the demo's v1 when it is trained already: the same data and settings
+    v1 = _v1_path(cfg, shop_dir, v1_cfg)
     with phases.timed("train v1"):
         if not (v1 / MANIFEST).is_file():
             console.rule(f"training v1 ({v1_cfg.retrieval_model} + ranker) on the shop's own history")
@@ -232,7 +260,10 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
                 replayed = replay_round(cfg.serving.impressions, served, shop_dir, out / "round1" / "replay.json",
                                         r1["all"]["sessions"])
 
-        loop_dir = loop_shop(shop_dir, served, out / "shop-loop")
+        # what v1's explicit conditions led to (none when v1 is a two-tower model): the multi-interest model's data
+        triples = condition_triples(served_log(cfg.serving.impressions, f"loop1-{seed}-", r1["all"]["sessions"]),
+                                    served)
+        loop_dir = loop_shop(shop_dir, served, out / "shop-loop", conditions=triples)
         loop = read_shop(loop_dir)
         frac = held_out_fraction(loop.events.num_rows, served.num_rows)
         v2_cfg = dataclasses.replace(v1_cfg, seed=cfg.train.seed + seed, test_fraction=frac,
@@ -265,10 +296,12 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
         if not keep_serving:
             serve.shutdown()
     report = {"sessions": sessions, "k": k, "seed": seed, "ranker_views": ranker_views, "shop": str(shop_dir),
+              "retrieval_model": v1_cfg.retrieval_model,
               "loop_shop": str(loop_dir), "bundles": {"v1": str(v1), "v2": str(v2)}, "held_out_share": HELD_OUT_SHARE,
               "test_fraction": frac, "served_events": served.num_rows,
               "served_views": int(pc.sum(pc.equal(served["action"], "view")).as_py()),
-              "round1_impressions_logged": round1_logged, "shuffle": shuffle, "replay": replayed,
+              "round1_impressions_logged": round1_logged, "condition_triples": triples.num_rows,
+              "shuffle": shuffle, "replay": replayed,
               "offline": offline, "round1": {k_: v for k_, v in r1.items() if k_ not in ("events", "per_session")},
               "round2": {k_: v for k_, v in r2.items() if k_ not in ("events", "per_session")}, "paired": pair,
               "phases_s": phases.seconds}
@@ -277,6 +310,22 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
     console.print(paired_line(pair))
     console.print(phases.table())
     return report
+
+
+def _v1_path(cfg: RecsysConfig, shop_dir: Path, v1_cfg: Any) -> Path:
+    """Where the loop's v1 lives: the demo's v1 when that is (or will be) the same retrieval model on the same data,
+    else a folder of its own training settings, so loops of different models never reuse each other's v1."""
+    from cluster.demo import bundles_root
+    from training.fit.bundle import MANIFEST
+    from training.fit.version import training_run_id
+
+    demo_v1 = bundles_root(cfg, shop_dir) / "v1"
+    trained = json.loads((demo_v1 / MANIFEST).read_text()).get("metrics", {}).get("retrieval_model") \
+        if (demo_v1 / MANIFEST).is_file() else None
+    demo_model = cfg.demo.retrieval.get("v1", cfg.train.retrieval_model)
+    if demo_model == v1_cfg.retrieval_model and trained in (None, v1_cfg.retrieval_model):
+        return demo_v1
+    return demo_v1.parent / f"v1-{training_run_id(shop_dir, v1_cfg)}" / "v1"
 
 
 def paired_line(pair: dict[str, Any]) -> str:
@@ -311,7 +360,9 @@ def replay_round(log: str, events: Any, shop_dir: Path, path: Path, answers: int
 def loop_table(report: dict[str, Any]) -> Table:
     """v1 against v2: offline on the held-out served period beside the simulated online rates of round 2."""
     table = Table(title=f"closed loop: v2 learned from what v1 served ({report['served_views']:,} impressions); "
-                        f"offline on the later {report['held_out_share']:.0%} of the served period, online round 2")
+                        f"offline on the later {report['held_out_share']:.0%} of the served period, online round 2"
+                        + (f"; v2's explicit conditions learned from {report['condition_triples']:,} logged triples"
+                           if report.get("condition_triples") else ""))
     for col in ("version", "serves", "recall@100", "final ndcg@10", "retrieval ndcg@10", "ranker ndcg@10",
                 "true rel@10", "sessions", "clicks/session [95%]", "purchases/session [95%]"):
         table.add_column(col, justify="left" if col in ("version", "serves") else "right")
@@ -389,8 +440,8 @@ def finished_loop(folder: Path, cfg: RecsysConfig, sessions: int, seed: int, k: 
     except (OSError, ValueError):
         return None
     same = (report.get("shop"), report.get("sessions"), report.get("seed"), report.get("k"),
-            report.get("ranker_views"), report.get("shuffle", 0.0)) == (cfg.data.dir, sessions, seed, k, ranker_views,
-                                                                        shuffle)
+            report.get("ranker_views"), report.get("shuffle", 0.0), report.get("retrieval_model", "two_tower")) == (
+        cfg.data.dir, sessions, seed, k, ranker_views, shuffle, cfg.train.retrieval_model)
     return report if same else None
 
 

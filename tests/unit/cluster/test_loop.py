@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import torch
 
 from cluster.loop import held_out_fraction, loop_shop, offline_on
 from tests.unit.tiny_bundle import write_tiny_bundle
@@ -81,12 +82,24 @@ def test_versions_are_compared_offline_on_the_same_held_out_users_in_the_order_t
     assert 0.0 <= a["retrieval"]["recall@10"] <= a["retrieval"]["recall@100"] <= 1.0
 
 
-def test_the_loop_compares_two_tower_versions_only(tiny, tmp_path):
-    shop, _, bundle = tiny
+def test_a_multi_interest_version_is_compared_by_its_merged_queries_and_other_models_are_refused(tiny, tmp_path):
+    from training.models.multi_interest import MultiInterestConfig, MultiInterestModel
+
+    shop, shop_dir, bundle = tiny
     b = load_bundle(bundle)
+    sizes = {k: v for k, v in b.space.sizes.items() if k in MultiInterestConfig.__dataclass_fields__}
+    torch.manual_seed(0)
+    multi = write_bundle(tmp_path, "v8", b.space, b.items, MultiInterestModel(MultiInterestConfig(**sizes, dim=16)),
+                         b.ranker(), {}, "snap", {}, {"model": "multi_interest", "conditions": {"max_followed": 2}})
+    served = served_after(shop)
+    out = read_shop(loop_shop(shop_dir, served, tmp_path / "loop"))
+    frac = held_out_fraction(out.events.num_rows, served.num_rows)
+    a = offline_on(multi, out, frac, max_users=100, seed=0)
+    assert 0 < a["users"] <= 100 and a["version"] == "v8"
+    assert 0.0 <= a["retrieval"]["recall@10"] <= a["retrieval"]["recall@100"] <= 1.0
     other = write_bundle(tmp_path, "v9", b.space, b.items, b.two_tower(), b.ranker(), {}, "snap", {},
-                         {"model": "multi_interest"})
-    with pytest.raises(ValueError, match="multi_interest"):
+                         {"model": "sasrec"})
+    with pytest.raises(ValueError, match="sasrec"):
         offline_on(other, shop, 0.1, max_users=10, seed=0)
 
 
@@ -122,6 +135,7 @@ def test_figures_over_seeds_pair_the_versions_seed_by_seed():
 
 
 def test_a_finished_loop_is_reused_only_for_the_same_settings_shuffle_included(tmp_path):
+    import dataclasses
     import json
 
     from cluster.config import RecsysConfig
@@ -133,3 +147,27 @@ def test_a_finished_loop_is_reused_only_for_the_same_settings_shuffle_included(t
     assert finished_loop(tmp_path, cfg, 100, 1, shuffle=0.3) == report
     assert finished_loop(tmp_path, cfg, 100, 1) is None  # a loop without the shuffle is another loop
     assert finished_loop(tmp_path, cfg, 100, 2, shuffle=0.3) is None
+    multi = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, retrieval_model="multi_interest"))
+    assert finished_loop(tmp_path, multi, 100, 1, shuffle=0.3) is None  # a loop of another retrieval model
+
+
+def test_a_loop_of_another_retrieval_model_than_the_demos_v1_trains_a_v1_of_its_own(tiny, tmp_path):
+    import dataclasses
+    import json
+
+    from cluster.config import load_config
+    from cluster.demo import bundles_root, version_train_config
+    from cluster.loop import _v1_path
+
+    _, shop_dir, _ = tiny
+    cfg = load_config("loop")
+    cfg = dataclasses.replace(cfg, demo=dataclasses.replace(cfg.demo, bundles_dir=str(tmp_path)))
+    two_tower = version_train_config(cfg, "v1", 0)
+    multi = dataclasses.replace(two_tower, retrieval_model="multi_interest")
+    demo_v1 = bundles_root(cfg, shop_dir) / "v1"
+    assert _v1_path(cfg, shop_dir, two_tower) == demo_v1  # the demo's v1, trained or not yet
+    own = _v1_path(cfg, shop_dir, multi)
+    assert own != demo_v1 and own.name == "v1" and own == _v1_path(cfg, shop_dir, multi)
+    demo_v1.mkdir(parents=True)
+    (demo_v1 / "manifest.json").write_text(json.dumps({"metrics": {"retrieval_model": "multi_interest"}}))
+    assert _v1_path(cfg, shop_dir, two_tower) != demo_v1  # a v1 of another model is there: never reused
