@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -220,7 +220,7 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
     def log(msg: str, style: str | None = None) -> None:
         console.log(f"[{time.perf_counter() - t_start:,.0f}s] {msg}", style=style)
 
-    models, per_user, ranked_by, failed, fitted = {}, {}, {}, {}, {}
+    models, per_user, ranked_by, failed, fitted, runs_of = {}, {}, {}, {}, {}, {}
     trials = {s: sample_trials(task, 100, s, cfg.seed) for s in SAMPLERS}  # the same negatives for every model
     seeds = tuple(seeds or (cfg.seed,))
     for name in model_names:
@@ -228,6 +228,7 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
             random = not getattr(load_model(name), "deterministic", False)
             runs = [_fit_and_evaluate(name, task, dataclasses.replace(cfg, seed=s), trials, log)
                     for s in (seeds if random else seeds[:1])]
+            runs_of[name] = runs
             models[name], per_user[name], ranked_by[name], fitted[name] = runs[0]
             models[name]["seeds"] = seed_spread([r[0] for r in runs], list(seeds if random else seeds[:1]))
         except Exception as exc:  # noqa: BLE001 - recorded in the report and re-raised by run_eval at the end
@@ -237,9 +238,29 @@ def run_protocol(task: RetrievalTask, model_names: list[str], cfg: TrainConfig, 
               "failed": failed, "multi_interest_gain": multi_interest_gain(task, per_user), "sections": []}
     if with_sections and models:
         source = _candidate_source(ranked_by, models)
-        result["sections"] = _sections(task, ranked_by[source], cfg, out, fitted.get(source))
+        result["sections"] = _sections(task, ranked_by[source], dataclasses.replace(cfg, seed=seeds[0]), out,
+                                       fitted.get(source))
         result["section_candidates"] = source
+        if len(runs_of[source]) > 1:  # the ranking section once more per further seed of its candidates' model
+            _ranking_over_seeds(result["sections"][0], task, runs_of[source], seeds, cfg, out, log)
     return result
+
+
+def _ranking_over_seeds(section: dict, task: RetrievalTask, runs: list[tuple], seeds: tuple[int, ...],
+                        cfg: TrainConfig, out: Path, log: Callable[[str], None]) -> None:
+    """Runs the ranking section on each further seed's candidates and retriever (the rankers trained with that
+    seed, on the first seed's users; figures under `out/seed-<s>/`) and adds the spread over all seeds to the first
+    seed's section: results "seeds" (`ranking_seed_spread`) and its table."""
+    from training.evaluation.ranking import ranking_section, ranking_seed_spread, seed_spread_markdown
+
+    results = [section["results"]]
+    for s, (_, _, ranked, fitted) in zip(seeds[1:], runs[1:]):
+        log(f"{task.protocol}: ranking section with seed {s}")
+        results.append(ranking_section(task, ranked, dataclasses.replace(cfg, seed=s), out / f"seed-{s}",
+                                       retriever=fitted, users_seed=seeds[0])["results"])
+    spread = ranking_seed_spread(results, list(seeds[:len(results)]))
+    section["results"]["seeds"] = spread
+    section["markdown"] += "\n\n" + seed_spread_markdown(spread)
 
 
 def run_eval(data: str | Path, fmt: str, out: str | Path, models: list[str] | None = None,

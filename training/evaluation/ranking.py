@@ -278,7 +278,7 @@ def section_training_data(task: Any, logged: Impressions, held: Impressions, use
 
 def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir: Path,
                     negatives_per_view: float = UNSHOWN_NEGATIVES,
-                    retriever: torch.nn.Module | None = None) -> dict[str, Any]:
+                    retriever: torch.nn.Module | None = None, users_seed: int | None = None) -> dict[str, Any]:
     """Trains the transformer ranker (with and without the position tower) and every baseline on the task's
     impressions and compares them; called by the `recsys eval` harness.
 
@@ -289,6 +289,8 @@ def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir
         out_dir: where the figure goes.
         negatives_per_view: unshown items added per training impression as negatives.
         retriever: the two-tower model that made `candidates` (module docstring); None for another source.
+        users_seed: the seed that samples the re-ranked users when there are more than `cfg.eval_users` (default
+            `cfg.seed`): runs of several seeds pass the first one, so that they score the same users.
     Returns:
         {"name": "ranking", "results": JSON-able dict, "markdown": str, "figures": [file names in out_dir]}.
     """
@@ -300,7 +302,8 @@ def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir
     logged, held, source = split_impressions(task, cfg)
     rows = np.arange(len(task.user_ids))
     if len(rows) > cfg.eval_users:
-        rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, size=cfg.eval_users, replace=False))
+        rows = np.sort(np.random.default_rng(cfg.seed if users_seed is None else users_seed).choice(
+            rows, size=cfg.eval_users, replace=False))
     users, cands = task.user_inputs(rows), candidates[rows]
     train, negatives, scores = section_training_data(task, logged, held, users, cands, cfg, negatives_per_view,
                                                      retriever)
@@ -331,6 +334,71 @@ def ranking_section(task: Any, candidates: np.ndarray, cfg: TrainConfig, out_dir
             -np.arange(cands.shape[1], dtype=np.float64)[None].repeat(len(cands), 0), relevance, cands > 0)}
         figures.append(plot_debiasing(results, out_dir / "ranking_debiasing.png"))
     return {"name": "ranking", "results": results, "markdown": ranking_markdown(results), "figures": figures}
+
+
+SEED_FIGURES = {  # figure -> how to read it from one model's results (None where a data set has no truth)
+    f"ndcg@{K}": lambda m: m[f"ndcg@{K}"],
+    f"fused_ndcg@{K}": lambda m: m.get(f"fused_ndcg@{K}"),
+    f"true_ndcg@{K}": lambda m: m.get(f"true_ndcg@{K}", {}).get("combined"),
+    f"true_fused_ndcg@{K}": lambda m: m.get(f"true_ndcg@{K}", {}).get("fused"),
+}
+
+
+def _spread(values: list[float | None]) -> dict[str, Any] | None:
+    if any(v is None for v in values):
+        return None
+    return {"values": [float(v) for v in values], "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1 if len(values) > 1 else 0))}
+
+
+def ranking_seed_spread(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Each figure of `SEED_FIGURES` per ranker, and retrieval's own order, over the ranking sections' `runs`
+    (their "results", one per seed, on the same users): per-seed values, mean and sample standard deviation; and
+    per ranker, whether its own and its fused order beat retrieval's by more than the spread (the mean paired
+    difference minus its standard deviation over seeds is above 0)."""
+    if len(runs) != len(seeds) or not runs:
+        raise ValueError(f"ranking_seed_spread: {len(runs)} runs for {len(seeds)} seeds")
+    truth = f"true_relevance_order_ndcg@{K}"
+    retrieval = {f"ndcg@{K}": [r[f"retrieval_order_ndcg@{K}"] for r in runs],
+                 f"true_ndcg@{K}": [r[truth]["retrieval"] if truth in r else None for r in runs]}
+    out: dict[str, Any] = {"seeds": list(seeds), "retrieval": {k: _spread(v) for k, v in retrieval.items()},
+                           "models": {}}
+    for name in runs[0]["models"]:
+        figures = {fig: [read(r["models"][name]) for r in runs] for fig, read in SEED_FIGURES.items()}
+        entry = {fig: _spread(v) for fig, v in figures.items()}
+        beats = {}
+        for fig, base in ((f"ndcg@{K}", f"ndcg@{K}"), (f"fused_ndcg@{K}", f"ndcg@{K}"),
+                          (f"true_ndcg@{K}", f"true_ndcg@{K}"), (f"true_fused_ndcg@{K}", f"true_ndcg@{K}")):
+            if entry[fig] is None or out["retrieval"][base] is None:
+                continue
+            diff = np.asarray(figures[fig], dtype=np.float64) - np.asarray(retrieval[base], dtype=np.float64)
+            sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else float("nan")
+            beats[fig] = {"mean_difference": float(diff.mean()), "std": sd,
+                          "beats_retrieval": bool(len(diff) > 1 and diff.mean() - sd > 0)}
+        out["models"][name] = entry | {"against_retrieval": beats}
+    return out
+
+
+def seed_spread_markdown(spread: dict[str, Any]) -> str:
+    """The ranking table over seeds: mean ± standard deviation of each order's NDCG@10."""
+    def cell(x: dict[str, Any] | None) -> str:
+        return "n/a" if x is None else f"{x['mean']:.3f} ± {x['std']:.3f}"
+
+    head = ["order", f"NDCG@{K} held out", "same, fused (RRF)", f"NDCG@{K} vs true r", "same, fused"]
+    r = spread["retrieval"]
+    lines = [f"Over seeds {', '.join(map(str, spread['seeds']))} (mean ± sample standard deviation; the retrieval "
+             "model, the rankers and their training samples change with the seed, the users do not):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             f"| retrieval's own | {cell(r[f'ndcg@{K}'])} | - | {cell(r[f'true_ndcg@{K}'])} | - |"]
+    for name, m in spread["models"].items():
+        lines.append(f"| {name} | {cell(m[f'ndcg@{K}'])} | {cell(m[f'fused_ndcg@{K}'])} | "
+                     f"{cell(m[f'true_ndcg@{K}'])} | {cell(m[f'true_fused_ndcg@{K}'])} |")
+    ahead = [f"{name} ({', '.join(fig for fig, b in m['against_retrieval'].items() if b['beats_retrieval'])})"
+             for name, m in spread["models"].items()
+             if any(b["beats_retrieval"] for b in m["against_retrieval"].values())]
+    lines += ["", "Beat retrieval's order by more than the spread of the paired difference over seeds: "
+              + ("; ".join(ahead) if ahead else "none") + "."]
+    return "\n".join(lines)
 
 
 def _fmt(x: float) -> str:

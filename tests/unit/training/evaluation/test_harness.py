@@ -176,3 +176,32 @@ def test_seeds_refit_random_models_and_report_their_spread(monkeypatch, shop_dir
     assert ease["seeds"] == [0] and ease["std"]["ndcg@10"] == 0  # deterministic: fitted once
     assert models["seeded"]["full"]["ndcg@10"] == seeded["values"]["ndcg@10"][0]
     assert "### Spread over seeds" in (tmp_path / "report.md").read_text()
+
+
+def test_the_ranking_section_runs_once_more_per_seed_on_the_first_seeds_users(monkeypatch, tmp_path: Path) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from training.evaluation import ranking
+    from training.fit.train_loop import TrainConfig
+
+    calls = []
+
+    def section(task, candidates, cfg, out_dir, retriever=None, users_seed=None):
+        calls.append((int(candidates[0, 0]), cfg.seed, users_seed, out_dir.name, retriever))
+        return {"results": {"retrieval_order_ndcg@10": 0.1,
+                            "models": {"lr": {"ndcg@10": 0.05 * cfg.seed, "fused_ndcg@10": 0.2}}}}
+
+    monkeypatch.setattr(ranking, "ranking_section", section)
+    first = {"results": {"retrieval_order_ndcg@10": 0.1, "models": {"lr": {"ndcg@10": 0.1, "fused_ndcg@10": 0.2}}},
+             "markdown": "table"}
+    runs = [({}, {}, np.full((2, 3), s + 1), f"model-{s}") for s in (4, 5, 6)]
+    task = type("Task", (), {"protocol": "temporal"})()
+    harness._ranking_over_seeds(first, task, runs, (4, 5, 6), dataclasses.replace(TrainConfig(), seed=4), tmp_path,
+                                lambda msg: None)
+    assert calls == [(6, 5, 4, "seed-5", "model-5"), (7, 6, 4, "seed-6", "model-6")]
+    spread = first["results"]["seeds"]
+    assert spread["seeds"] == [4, 5, 6]
+    assert spread["models"]["lr"]["ndcg@10"]["values"] == pytest.approx([0.1, 0.25, 0.3])
+    assert first["markdown"].startswith("table\n\nOver seeds 4, 5, 6")

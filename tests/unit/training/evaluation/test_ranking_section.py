@@ -162,3 +162,33 @@ def test_fusion_with_retrieval_keeps_an_item_both_orders_agree_on_at_the_top():
     cands = np.array([[11, 12, 13, 14]])
     assert rerank(fused, cands, 2)[0].tolist() == [12, 11]  # ranker 1st + retrieval 2nd beats ranker 4th + 1st
     assert np.allclose(fused_with_retrieval(-np.arange(4.0)[None]), 2.0 / (60 + np.arange(1, 5)))  # agreement
+
+
+def _seed_results(own: float, fused: float, retrieval: float, truth: bool = True) -> dict:
+    m = {"ndcg@10": own, "fused_ndcg@10": fused}
+    if truth:
+        m["true_ndcg@10"] = {"combined": own * 4, "click": own * 4, "fused": fused * 4}
+    out = {"retrieval_order_ndcg@10": retrieval, "models": {"ranker": m}}
+    return out | ({"true_relevance_order_ndcg@10": {"retrieval": retrieval * 4}} if truth else {})
+
+
+def test_the_spread_over_seeds_pairs_each_order_with_retrievals_of_the_same_seed():
+    from training.evaluation.ranking import ranking_seed_spread, seed_spread_markdown
+
+    runs = [_seed_results(0.12, 0.15, 0.13), _seed_results(0.10, 0.16, 0.12), _seed_results(0.11, 0.17, 0.14)]
+    spread = ranking_seed_spread(runs, [0, 1, 2])
+    own, fused = spread["models"]["ranker"]["ndcg@10"], spread["models"]["ranker"]["fused_ndcg@10"]
+    assert own["values"] == [0.12, 0.10, 0.11] and own["mean"] == pytest.approx(0.11)
+    assert own["std"] == pytest.approx(0.01) and spread["retrieval"]["ndcg@10"]["mean"] == pytest.approx(0.13)
+    against = spread["models"]["ranker"]["against_retrieval"]
+    assert against["ndcg@10"]["mean_difference"] == pytest.approx(-0.02) and not against["ndcg@10"]["beats_retrieval"]
+    assert against["fused_ndcg@10"]["mean_difference"] == pytest.approx(0.03)  # +0.02, +0.04, +0.03: sd 0.01
+    assert against["fused_ndcg@10"]["beats_retrieval"] and against["true_fused_ndcg@10"]["beats_retrieval"]
+    md = seed_spread_markdown(spread)
+    assert "| ranker | 0.110 ± 0.010 | 0.160 ± 0.010 |" in md and "ranker (fused_ndcg@10, true_fused_ndcg@10)" in md
+    assert "| retrieval's own | 0.130 ± 0.010 |" in md
+    no_truth = ranking_seed_spread([_seed_results(0.1, 0.2, 0.1, truth=False)] * 2, [0, 1])
+    assert no_truth["retrieval"]["true_ndcg@10"] is None and "n/a" in seed_spread_markdown(no_truth)
+    assert set(no_truth["models"]["ranker"]["against_retrieval"]) == {"ndcg@10", "fused_ndcg@10"}
+    with pytest.raises(ValueError, match="2 runs for 3 seeds"):
+        ranking_seed_spread(runs[:2], [0, 1, 2])
