@@ -111,9 +111,9 @@ def test_fit_spec_shrinks_only_a_batch_size_the_caller_did_not_give(task):
 
 @pytest.mark.parametrize("adapter", [SeedTwoTowerRetrieval(), SeedTwoTowerRetrieval(user_encoder="attention"),
                                      InBatchTwoTower(), SASRecRetrieval(), SASRecSampled(), SASRecGBCE(),
-                                     LightGCNRetrieval()],
+                                     LightGCNRetrieval(), MultiInterestRetrieval()],
                          ids=["seed_transformer", "seed_attention", "in_batch", "sasrec", "sasrec_sampled",
-                              "sasrec_gbce", "lightgcn"])
+                              "sasrec_gbce", "lightgcn", "multi_interest"])
 def test_every_parameter_gets_a_gradient_on_every_batch(task, adapter):
     """DDP (find_unused_parameters=False) fails on the next step when a parameter got no gradient on some rank."""
     data = adapter.training_data(task)
