@@ -74,12 +74,21 @@ def loop_shop(shop_dir: str | Path, served: pa.Table, out: str | Path, condition
 
 def served_log(log: str, prefix: str, answers: int, timeout_s: float = 30.0) -> pa.Table:
     """The impressions of the requests whose id starts with `prefix`, once `answers` of them are in the log (the
-    ingress flushes every few seconds, off the request path), or what is there after `timeout_s`."""
-    from training.data.impressions import read_impressions
+    ingress flushes every few seconds, off the request path), or what is there after `timeout_s`.
+
+    Raises:
+        FileNotFoundError: a log folder that is still not there after `timeout_s` (nothing was ever logged).
+    """
+    from training.data.impressions import IMPRESSIONS_SCHEMA, read_impressions
 
     deadline = time.monotonic() + timeout_s
     while True:
-        logged = read_impressions(log)
+        try:
+            logged = read_impressions(log)
+        except FileNotFoundError:  # the first flush makes the folder
+            if time.monotonic() >= deadline:
+                raise
+            logged = IMPRESSIONS_SCHEMA.empty_table()
         logged = logged.filter(pc.starts_with(logged["request_id"], prefix))
         if len(pc.unique(logged["request_id"])) >= answers or time.monotonic() >= deadline:
             return logged

@@ -148,16 +148,27 @@ def test_a_served_period_pinned_to_one_version_becomes_the_next_versions_data(ti
     """The loop's data step on the live stack (`recsys loop` runs it end to end): sessions pinned to one version
     against the split, their events on the serving clock after the shop's end, appended as the loop shop, whose
     held-out half scores a version offline."""
-    from cluster.loop import held_out_fraction, loop_shop, offline_on
+    from cluster.loop import held_out_fraction, loop_shop, offline_on, served_log
     from cluster.simulate import events_table, simulate
+    from training.data.impressions import condition_triples, read_condition_triples
     from training.data.schemas import read_shop
 
     result = simulate(tiny_stack["url"], tiny_stack["shop"], sessions=60, seed=11, k=8, prefix="looptest",
                       version="v2")
     assert result["errors"] == 0 and set(result["by_version"]) == {"v2"}  # the split alone sends 90% to v1
     served = events_table(result, tiny_stack["shop"])
-    shop = read_shop(loop_shop(tiny_stack["shop"], served, tmp_path / "loop"))
+    # v2 is the multi-interest version: the engagements its explicit conditions led to are logged as triples
+    logged = served_log(tiny_stack["cfg"].serving.impressions, "looptest-11-", answers=60)
+    assert len(set(logged["request_id"].to_pylist())) == 60
+    triples = condition_triples(logged, served)
+    from_condition = logged.filter(pc.starts_with(logged["reason"], "condition:category="))
+    assert 0 < triples.num_rows <= from_condition.num_rows
+    clicked = {(e["user_id"], e["item_id"]) for e in result["events"] if e["action"] != "view"}
+    assert set(zip(triples["user_id"].to_pylist(), triples["item_id"].to_pylist())) <= clicked
+    loop_dir = loop_shop(tiny_stack["shop"], served, tmp_path / "loop", conditions=triples)
+    shop = read_shop(loop_dir)
     assert shop.events.num_rows == read_shop(tiny_stack["shop"]).events.num_rows + served.num_rows
+    assert read_condition_triples(loop_dir).equals(triples) and shop.meta["condition_triples"] == triples.num_rows
     frac = held_out_fraction(shop.events.num_rows, served.num_rows)
     offline = offline_on(tiny_stack["bundles"]["v1"], shop, frac, max_users=100, seed=0)
     assert offline["users"] > 0 and offline["serves"] in ("ranker", "fused", "retrieval")

@@ -171,3 +171,26 @@ def test_a_loop_of_another_retrieval_model_than_the_demos_v1_trains_a_v1_of_its_
     demo_v1.mkdir(parents=True)
     (demo_v1 / "manifest.json").write_text(json.dumps({"metrics": {"retrieval_model": "multi_interest"}}))
     assert _v1_path(cfg, shop_dir, two_tower) != demo_v1  # a v1 of another model is there: never reused
+
+
+def test_the_served_log_is_the_rounds_requests_and_a_log_that_never_came_is_an_error(tmp_path):
+    import asyncio
+
+    from cluster.loop import served_log
+    from deployments.ingress.impressions import ImpressionLog, ParquetSink, answer_rows
+    from training.request.contracts import RankedList
+
+    final = RankedList(item_ids=["a", "b"], scores=np.array([1.0, 0.5]), brands=["x", "y"], categories=["c", "c"],
+                       reasons=["condition:category=c", "interest:0"], propensity=[1.0, 1.0])
+
+    async def log_answers():
+        log = ImpressionLog(ParquetSink(tmp_path / "imp"), flush_s=3600)
+        for request_id in ("loop1-1-0", "loop1-1-1", "other-0"):
+            log.record(answer_rows(request_id, "u1", "v1", "home", final, 2, 1_790_000_000.0))
+        await log.close()
+
+    asyncio.run(log_answers())
+    logged = served_log(str(tmp_path / "imp"), "loop1-1-", answers=2, timeout_s=0)
+    assert sorted(set(logged["request_id"].to_pylist())) == ["loop1-1-0", "loop1-1-1"] and logged.num_rows == 4
+    with pytest.raises(FileNotFoundError, match="no impression log"):
+        served_log(str(tmp_path / "never"), "loop1-1-", answers=1, timeout_s=0)
