@@ -276,7 +276,7 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
         loop = read_shop(loop_dir)
         frac = held_out_fraction(loop.events.num_rows, served.num_rows)
         v2_cfg = dataclasses.replace(v1_cfg, seed=cfg.train.seed + seed, test_fraction=frac,
-                                     ranker_views=ranker_views)
+                                     ranker_views=ranker_views, **v2_schedule(v1))
         v2 = out / f"v2-{training_run_id(loop_dir, v2_cfg)}" / "v2"  # one per loop shop and training settings
         with phases.timed("train v2"):
             if not (v2 / MANIFEST).is_file():
@@ -319,6 +319,20 @@ def run_loop(cfg: RecsysConfig, sessions: int, out: str | Path, seed: int = 1, k
     console.print(paired_line(pair))
     console.print(phases.table())
     return report
+
+
+def v2_schedule(v1: Path) -> dict[str, int]:
+    """v2's retrieval schedule: v1's best epoch count, with no validation split of its own.
+
+    A validation split of the loop shop would be its newest training events, which are the served period's first
+    half (the second is held out): v2 would validate on the few users who engaged with a new item there and never
+    learn from what v1 served, the data the loop is for. v1's validation on the shop's own history chose the epochs.
+    """
+    from training.fit.bundle import MANIFEST
+
+    validation = json.loads((v1 / MANIFEST).read_text())["metrics"].get("training", {}).get("retrieval_validation")
+    best = (validation or {}).get("best_epoch")
+    return {"val_users": 0} | ({"tower_epochs": int(best)} if best else {})
 
 
 def _v1_path(cfg: RecsysConfig, shop_dir: Path, v1_cfg: Any) -> Path:

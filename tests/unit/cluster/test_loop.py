@@ -194,3 +194,17 @@ def test_the_served_log_is_the_rounds_requests_and_a_log_that_never_came_is_an_e
     assert sorted(set(logged["request_id"].to_pylist())) == ["loop1-1-0", "loop1-1-1"] and logged.num_rows == 4
     with pytest.raises(FileNotFoundError, match="no impression log"):
         served_log(str(tmp_path / "never"), "loop1-1-", answers=1, timeout_s=0)
+
+
+def test_v2_trains_on_the_whole_served_period_for_the_epochs_v1s_validation_chose(tmp_path):
+    import json
+
+    from cluster.loop import v2_schedule
+
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    manifest = {"metrics": {"training": {"retrieval_validation": {"best_epoch": 6, "epochs_run": 9}}}}
+    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    assert v2_schedule(v1) == {"val_users": 0, "tower_epochs": 6}
+    (v1 / "manifest.json").write_text(json.dumps({"metrics": {"training": {"retrieval_validation": None}}}))
+    assert v2_schedule(v1) == {"val_users": 0}  # v1 was not validated: v2 keeps the epoch budget
