@@ -23,9 +23,13 @@ from training.data.synthetic import Examination
 from training.evaluation.simulate import draw_interest, rate_interval, session_outcomes
 
 FUNNEL = ("click", "wishlist", "add_to_cart", "purchase")
-# When each step happens after the answer, as in the generator's sessions: a scan of 1.5 s per slot, then the funnel.
-SCAN_S = 1.5
-STEP_DELAY_S = {"view": 0.0, "click": 20.0, "wishlist": 50.0, "add_to_cart": 80.0, "purchase": 200.0}
+# When each step happens after the answer: the order of the generator's sessions (a scan per slot, then the
+# funnel), on a timeline a thousand times faster. Simulated sessions come tens of milliseconds apart on the serving
+# clock; with delays of seconds (a 1.5 s scan, a purchase 200 s on) every click of a session would fall after the
+# views of hundreds of later sessions, and a time split of the served period (the loop's held-out half) would put
+# the views in training and their clicks, carts and purchases in the held-out part.
+SCAN_S = 0.0015
+STEP_DELAY_S = {"view": 0.0, "click": 0.02, "wishlist": 0.05, "add_to_cart": 0.08, "purchase": 0.2}
 
 
 def _iso(t: float) -> str:

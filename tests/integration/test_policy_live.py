@@ -92,21 +92,17 @@ def test_every_answer_is_logged_as_impressions_off_the_request_path(tiny_stack):
 
 
 def test_simulated_users_answer_through_events_and_their_sessions_are_logged(tiny_stack):
+    from cluster.loop import served_log
     from cluster.simulate import simulate
-    from training.data.impressions import label_impressions, read_impressions
+    from training.data.impressions import label_impressions
 
     result = simulate(tiny_stack["url"], tiny_stack["shop"], sessions=30, seed=7, k=8, prefix="simtest")
     assert result["errors"] == 0 and result["all"]["sessions"] == 30
     assert set(result["by_version"]) <= {"v1", "v2"} and sum(f["sessions"] for f in result["by_version"].values()) == 30
     c = result["all"]["clicks_per_session"]
     assert c["lo"] <= c["mean"] <= c["hi"] and result["all"]["mean_relevance@k"] > 0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the ingress flushes its impression log every 5 s
-        table = read_impressions(tiny_stack["cfg"].serving.impressions)
-        logged = table.filter(pc.starts_with(table["request_id"], "simtest-"))
-        if logged.num_rows == 30 * 8:
-            break
-        time.sleep(0.5)
+    # the ingress flushes its impression log every 5 s
+    logged = served_log(tiny_stack["cfg"].serving.impressions, "simtest-", answers=30, timeout_s=60)
     assert logged.num_rows == 30 * 8
     # The clicks the simulated users posted are the outcomes of what they were shown: joined back point in time
     # (the events are stamped after the answer's served_at, on the serving clock), every click is found.
@@ -150,6 +146,7 @@ def test_a_served_period_pinned_to_one_version_becomes_the_next_versions_data(ti
     held-out half scores a version offline."""
     from cluster.loop import held_out_fraction, loop_shop, offline_on, served_log
     from cluster.simulate import events_table, simulate
+    from training.data.examples import temporal_split
     from training.data.impressions import condition_triples, read_condition_triples
     from training.data.schemas import read_shop
 
@@ -170,6 +167,11 @@ def test_a_served_period_pinned_to_one_version_becomes_the_next_versions_data(ti
     assert shop.events.num_rows == read_shop(tiny_stack["shop"]).events.num_rows + served.num_rows
     assert read_condition_triples(loop_dir).equals(triples) and shop.meta["condition_triples"] == triples.num_rows
     frac = held_out_fraction(shop.events.num_rows, served.num_rows)
+    # a session's clicks follow its views closely, so the held-out half splits sessions, not views from clicks
+    cutoff = temporal_split(shop.events, frac).cutoff_ms
+    t = served["timestamp"].cast(pa.int64()).to_numpy()
+    clicked = pc.equal(served["action"], "click").to_numpy(zero_copy_only=False)
+    assert 0.25 < (t[clicked] < cutoff).mean() < 0.75 and 0.25 < (t[~clicked] < cutoff).mean() < 0.75
     offline = offline_on(tiny_stack["bundles"]["v1"], shop, frac, max_users=100, seed=0)
     assert offline["users"] > 0 and offline["serves"] in ("ranker", "fused", "retrieval")
     assert offline["final_ndcg@10"] == offline[f"{offline['serves']}_ndcg@10"]
