@@ -8,6 +8,7 @@ The Ray actor that serves a ``FaissShard`` lives elsewhere in ``indexing/``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,13 @@ class FaissShard:
         self._present = np.zeros(0, dtype=bool)  # ids held, so HNSW (which cannot remove) adds new ids only
         self._memory = (-1, 0)  # (ntotal, serialized bytes) of the last stats()
         self.changes_offset = 0  # the catalog change log's offset this shard's vectors reflect (indexing.live)
+
+    def tune(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Changes the search-time knobs of the built shard (IVF lists probed, HNSW beam width); its vectors stay, so
+        one build serves a whole sweep of settings."""
+        knobs = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+        self.spec = dataclasses.replace(self.spec, **knobs)  # IndexSpec validates the values
+        search_params(self.index, self.spec)
 
     def _check_vectors(self, x: np.ndarray, name: str) -> np.ndarray:
         if not isinstance(x, np.ndarray) or x.dtype != np.float32:

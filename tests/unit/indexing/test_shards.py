@@ -222,6 +222,37 @@ def test_every_approximate_type_finds_most_of_the_exact_top_k_and_survives_a_sav
         assert back.ntotal == 7903
 
 
+def test_tuning_a_built_shard_changes_its_search_knobs_only():
+    """Probing every list of an IVF-Flat shard is exact search; probing one finds less; a wider HNSW beam finds at
+    least as much; the vectors stay and a bad value is refused."""
+    from indexing.index_types import IndexSpec, empty_index
+
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((3000, 16)).astype(np.float32)
+    xq = rng.standard_normal((20, 16)).astype(np.float32)
+    ids = np.arange(1, 3001)
+    exact = FaissShard(16)
+    exact.add(ids, xb)
+    _, want = exact.search(xq, 30)
+
+    def recall(shard: FaissShard) -> float:
+        return float(np.mean([len(set(g) & set(w)) / 30 for g, w in zip(shard.search(xq, 30)[1], want)]))
+
+    spec = IndexSpec(kind="ivf_flat", nlist=32, nprobe=1)
+    ivf = FaissShard(16, spec, faiss.serialize_index(empty_index(spec, 16, xb)).tobytes())
+    ivf.add(ids, xb)
+    one = recall(ivf)
+    ivf.tune(nprobe=32)
+    assert ivf.spec.nprobe == 32 and recall(ivf) == 1.0 > one and ivf.ntotal == 3000
+    graph = FaissShard(16, IndexSpec(kind="hnsw", hnsw_m=8, ef_construction=20, ef_search=30))
+    graph.add(ids, xb)
+    narrow = recall(graph)
+    graph.tune(ef_search=400)
+    assert recall(graph) >= narrow and graph.spec.ef_search == 400
+    with pytest.raises(ValueError, match="nprobe"):
+        ivf.tune(nprobe=0)
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
 def test_a_filtered_search_returns_only_allowed_items_and_k_of_them_when_k_exist(kind):
     from indexing.index_types import IndexSpec, empty_index
