@@ -3,7 +3,7 @@ one embedding actor and with one per CPU of the cluster, one after the other in 
 embedding, the whole build with its checks and persisting). Each run is a real rebuild: it switches the bundle's
 live index to the new build, as `recsys index` does.
 
-Usage: python -m bench.reembed [--bundle bundles/shop-*/v1] [--out bench/results/reembed.json]
+Usage: python -m bench.reembed [--bundle bundles/shop-*/v1] [--config large] [--out bench/results/reembed.json]
 As a job on a cluster (Ray Data prints its progress in the job's logs):
   ray job submit --address http://HEAD:8265 --working-dir . -- python -m bench.reembed --bundle $PWD/bundles/...
 """
@@ -19,11 +19,14 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     import ray
 
+    from cluster.config import load_config
     from cluster.runtime import init_ray
     from indexing.embed import IndexConfig, embed_catalog
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bundle", type=Path, default=None, help="default: the newest demo bundle's v1")
+    p.add_argument("--config", default=None, help="YAML config or built-in name whose `index` (shards, index type) "
+                   "the builds use, e.g. large; default: 2 exact shards")
     p.add_argument("--out", type=Path, default=Path("bench/results/reembed.json"))
     args = p.parse_args(argv)
     found = sorted(Path("bundles").glob("*/v1/manifest.json"), key=lambda m: m.stat().st_mtime)
@@ -32,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bench reembed: no bundle at {bundle_dir or 'bundles/*/v1'}; run `make demo` or pass --bundle")
     init_ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    base = IndexConfig()
+    base = load_config(args.config).index if args.config else IndexConfig()
     runs = []
     for actors in dict.fromkeys((1, cpus)):  # one run when the cluster has one CPU
         cfg = dataclasses.replace(base, embed_actors=actors, embed_cpus=min(base.embed_cpus, cpus / (actors + 1)))
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"re-embed with {actors} actor(s): {manifest['n_items']:,} items, {manifest['items_per_s']:,.0f} "
               f"items/s ({manifest['build_seconds']:.1f} s embedding, {runs[-1]['build_seconds']:.1f} s build)",
               flush=True)
-    result = {"bundle": str(bundle_dir), "cluster_cpus": cpus, "runs": runs,
+    result = {"bundle": str(bundle_dir), "cluster_cpus": cpus, "index": base.to_dict(), "runs": runs,
               "speedup_all_cpus": runs[-1]["items_per_s"] / runs[0]["items_per_s"]}
     print(f"all CPUs ({cpus}) / one actor: {result['speedup_all_cpus']:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
