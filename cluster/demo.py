@@ -128,7 +128,7 @@ def emit_config(cfg: RecsysConfig, out: Path, admin_token_sha256: str | None = N
     if missing:
         raise FileNotFoundError(f"bundles without an index: {missing}; run `make demo` (or recsys train/index) first")
     config = serve_config(bundles, dict(cfg.demo.versions), cfg.policy.to_dict(), cfg.serving, admin_token_sha256,
-                          shop_dir)
+                          shop_dir, cfg.index, cfg.rollout)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("# Written by `recsys serve --emit-config`: `serve deploy` this file on a `ray start` cluster.\n"
                    "# Editing applications[recsys].deployments[Ingress].user_config (versions, policy) and deploying\n"

@@ -13,7 +13,7 @@ from ray import serve
 from deployments.app import QUIET, ServingConfig, build_ingress_app, build_version_app, ingress_user_config
 from deployments.ingress.routing import version_app_name
 from deployments.redis_store import RedisActions
-from deployments.rollout.controller import start_controller
+from deployments.rollout.controller import shop_gate_users, start_controller
 from deployments.rollout.gate import RolloutConfig
 from deployments.store import EMBEDDED, create_store
 from indexing.embed import IndexConfig
@@ -56,11 +56,13 @@ def deploy_ingress(versions: dict[str, float], policy: dict[str, Any] | None, cf
 
 
 def serve_config(bundles: dict[str, str | Path], versions: dict[str, float], policy: dict[str, Any] | None,
-                 cfg: ServingConfig, admin_token_sha256: str | None = None,
-                 shop_dir: str | Path | None = None) -> dict[str, Any]:
+                 cfg: ServingConfig, admin_token_sha256: str | None = None, shop_dir: str | Path | None = None,
+                 index: IndexConfig | None = None, rollout: RolloutConfig | None = None) -> dict[str, Any]:
     """The Serve config file (`serve deploy`, a KubeRay RayService's `serveConfigV2`) of this deployment: one
     application per version and the HTTP ingress, through the typed builders of `deployments.builders`. The
-    ingress's versions and policy are its `user_config`: edited in the file, they apply in place."""
+    ingress's versions and policy are its `user_config`: edited in the file, they apply in place. With `shop_dir`,
+    the ingress's builder also starts the rollout controller (with `index` and `rollout`, the defaults if None),
+    as `recsys serve` does."""
     serving = {k: v for k, v in cfg.to_dict().items() if k not in ("host", "port")}
     apps: list[dict[str, Any]] = [
         {"name": version_app_name(v), "route_prefix": None, "import_path": "deployments.builders:version_app",
@@ -68,8 +70,9 @@ def serve_config(bundles: dict[str, str | Path], versions: dict[str, float], pol
     ingress_args = {"versions": dict(versions), "policy": dict(policy or {}), "serving": serving}
     if admin_token_sha256:
         ingress_args["admin_token_sha256"] = admin_token_sha256
-    if shop_dir is not None and cfg.store == EMBEDDED:
-        ingress_args["shop_dir"] = str(Path(shop_dir).resolve())
+    if shop_dir is not None:
+        ingress_args.update(shop_dir=str(Path(shop_dir).resolve()), index=(index or IndexConfig()).to_dict(),
+                            rollout=(rollout or RolloutConfig()).to_dict())
     user_config = ingress_user_config(versions, policy, cfg, admin_token_sha256)  # the builder's own
     apps.append({"name": INGRESS_APP, "route_prefix": "/", "import_path": "deployments.builders:ingress_app",
                  "args": ingress_args, "deployments": [{"name": "Ingress", "user_config": user_config}]})
@@ -96,13 +99,7 @@ def start_rollout(serving: ServingConfig, index: IndexConfig, rollout: RolloutCo
                   gate_users: int = 1000) -> None:
     """Starts (or re-configures) the rollout controller that `/admin/rollout/*` and `recsys rollout` drive; the
     shop's users (a seeded sample, with their country and device) top up the gate's recorded requests."""
-    import numpy as np
-
-    users = read_shop(shop_dir).users.to_pylist()
-    rng = np.random.default_rng(0)
-    picked = [users[i] for i in rng.choice(len(users), size=min(gate_users, len(users)), replace=False)]
-    start_controller(serving, index, rollout, [{"user_id": u["user_id"], "context": {
-        "country": u["country"], "device": u["device"], "page": "home"}} for u in picked])
+    start_controller(serving, index, rollout, shop_gate_users(shop_dir, gate_users))
 
 
 def seed_online_store(shop_dir: str | Path, store: str = EMBEDDED) -> dict[str, Any]:

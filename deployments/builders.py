@@ -14,7 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
 from deployments.app import ServingConfig, build_ingress_app, build_version_app
+from deployments.rollout.controller import shop_gate_users, start_controller
+from deployments.rollout.gate import RolloutConfig
 from deployments.store import EMBEDDED, create_store
+from indexing.embed import IndexConfig
+from indexing.index_types import IndexSpec
 
 
 def _serving(value: dict[str, Any]) -> dict[str, Any]:
@@ -47,8 +51,34 @@ class IngressAppArgs(_AppArgs):
     versions: dict[str, float] = Field(min_length=1)
     policy: dict[str, Any] = Field(default_factory=dict)
     admin_token_sha256: str | None = None
-    # with the embedded store: the shop folder its actor seeds itself from (created here unless it runs)
+    # The shop folder: the embedded store's actor seeds itself from it (created here unless it runs), and with it
+    # the rollout controller starts (or is re-configured) here, its gate topped up with the shop's users.
     shop_dir: str | None = None
+    index: dict[str, Any] = Field(default_factory=dict, description="IndexConfig fields: how a rollout indexes")
+    rollout: dict[str, Any] = Field(default_factory=dict, description="RolloutConfig fields: the gate, the guards")
+
+    @field_validator("index")
+    @classmethod
+    def _check_index(cls, value: dict[str, Any]) -> dict[str, Any]:
+        index_config(value)
+        return value
+
+    @field_validator("rollout")
+    @classmethod
+    def _check_rollout(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            RolloutConfig(**value)
+        except TypeError as e:  # an unknown key
+            raise ValueError(f"rollout: {e}") from e
+        return value
+
+
+def index_config(value: dict[str, Any]) -> IndexConfig:
+    """`IndexConfig.to_dict()` read back (its `ann` a nested IndexSpec); an unknown key is a ValueError naming it."""
+    try:
+        return IndexConfig(**{**value, "ann": IndexSpec(**value.get("ann", {}))})
+    except TypeError as e:
+        raise ValueError(f"index: {e}") from e
 
 
 def version_app(args: VersionAppArgs) -> Application:
@@ -59,4 +89,7 @@ def ingress_app(args: IngressAppArgs) -> Application:
     serving = ServingConfig(**args.serving)
     if serving.store == EMBEDDED and args.shop_dir:
         create_store(args.shop_dir)  # a named actor: every ingress replica finds it by name
+    if args.shop_dir:  # `/admin/rollout/*` works after a `serve deploy` alone, as after `recsys serve`
+        start_controller(serving, index_config(args.index), RolloutConfig(**args.rollout),
+                         shop_gate_users(args.shop_dir))
     return build_ingress_app(args.versions, args.policy, serving, args.admin_token_sha256)

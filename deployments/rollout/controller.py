@@ -408,6 +408,19 @@ class RolloutController:
         return 200, (await self.status())[1]
 
 
+def shop_gate_users(shop_dir: str | Path, n: int = 1000) -> list[dict[str, Any]]:
+    """A seeded sample of the shop's users with their country and device: the requests that top up the gate's
+    recorded ones."""
+    import numpy as np
+
+    from training.data.schemas import read_shop
+
+    users = read_shop(shop_dir).users.to_pylist()
+    picked = np.random.default_rng(0).choice(len(users), size=min(n, len(users)), replace=False)
+    return [{"user_id": users[i]["user_id"], "context": {"country": users[i]["country"], "device": users[i]["device"],
+                                                          "page": "home"}} for i in picked]
+
+
 def start_controller(serving: ServingConfig, index: IndexConfig, cfg: RolloutConfig,
                      sample_users: list[dict[str, Any]] | None = None) -> Any:
     """The cluster's rollout controller: created once (a detached actor without CPU, restarted if it dies, its

@@ -1,8 +1,10 @@
 """The Serve config file `recsys serve --emit-config` writes, deployed with `serve deploy` on the session's
-`ray start` cluster, serves the same HTTP contract; a changed split in the file applies in place (the ingress
-replicas are the same ones), and `recsys status` shows where every replica and shard runs."""
+`ray start` cluster, serves the same HTTP contract and starts the rollout controller; a changed split in the file
+applies in place (the ingress replicas are the same ones), and `recsys status` shows where every replica and shard
+runs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import yaml
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
+TOKEN = "deploy-test-token"
 
 
 def ingress_replicas() -> set[str]:
@@ -48,12 +51,30 @@ def test_serve_deploy_of_the_emitted_config_serves_the_api_and_applies_a_new_spl
         tiny_stack, ray_cluster, tmp_path):
     from cluster.serving import serve_config, wait_healthy
 
+    import ray
+
+    from deployments.rollout import CONTROLLER_NAME
+    from training import NAMESPACE
+
     cfg = tiny_stack["cfg"]
     config = serve_config(tiny_stack["bundles"], {"v1": 90.0, "v2": 10.0}, cfg.policy.to_dict(), cfg.serving,
-                          shop_dir=tiny_stack["shop"])
+                          hashlib.sha256(TOKEN.encode()).hexdigest(), tiny_stack["shop"], cfg.index)
+    try:  # none left by an earlier test: the deploy alone must start it
+        ray.kill(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        pass
     serve_deploy(ray_cluster, config, tmp_path / "serve.yaml")
     wait_running()
     wait_healthy(tiny_stack["url"])
+    deadline = time.monotonic() + 60  # an ingress replica looks the controller up again at most every 10 s
+    while True:
+        status = httpx.get(f"{tiny_stack['url']}/admin/rollout", headers={"Authorization": f"Bearer {TOKEN}"},
+                           timeout=30)
+        if status.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    assert status.status_code == 200, status.text
+    assert set(status.json()["routing"]["weights"]) == {"v1", "v2"}
     users = [f"u{i}" for i in range(40)]
     answers = [httpx.post(f"{tiny_stack['url']}/recommend", json={"user_id": u, "k": 5}, timeout=60) for u in users]
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200][:2]

@@ -123,3 +123,26 @@ def test_the_emitted_serve_config_is_valid_and_its_builders_build_the_applicatio
     assert ingress["deployments"][0]["user_config"]["versions"] == {"v1": 100.0}  # what a re-deploy changes in place
     with pytest.raises(ValidationError, match="serving"):
         VersionAppArgs.model_validate({**version["args"], "serving": {"replica_cpu": 1}})
+
+
+def test_the_ingress_builder_reads_the_rollout_controllers_configs_and_refuses_an_unknown_key_naming_it(tmp_path):
+    from pydantic import ValidationError
+
+    from cluster.serving import serve_config
+    from deployments.app import ServingConfig
+    from deployments.builders import IngressAppArgs, index_config
+    from deployments.rollout.gate import RolloutConfig
+    from indexing.embed import IndexConfig
+    from indexing.index_types import IndexSpec
+
+    index = IndexConfig(n_shards=3, ann=IndexSpec("hnsw", ef_search=600))
+    assert index_config(index.to_dict()) == index
+    config = serve_config({"v1": tmp_path / "v1"}, {"v1": 100.0}, {}, ServingConfig(), shop_dir=tmp_path, index=index,
+                          rollout=RolloutConfig(gate_requests=7))
+    validate_serve_config(config)
+    args = IngressAppArgs.model_validate(config["applications"][-1]["args"])
+    assert index_config(args.index) == index and RolloutConfig(**args.rollout).gate_requests == 7
+    with pytest.raises(ValidationError, match="index"):
+        IngressAppArgs.model_validate({"versions": {"v1": 1}, "index": {"shards": 2}})
+    with pytest.raises(ValidationError, match="rollout"):
+        IngressAppArgs.model_validate({"versions": {"v1": 1}, "rollout": {"gate": 1}})
