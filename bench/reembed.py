@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         runs.append({"embed_actors": actors, "embed_cpus_each": cfg.embed_cpus, "items": manifest["n_items"],
                      "embed_seconds": round(manifest["build_seconds"], 2),
                      "items_per_s": round(manifest["items_per_s"], 1),
-                     "build_seconds": round(time.perf_counter() - t0, 2), "build": manifest["build"]})
+                     "build_seconds": round(time.perf_counter() - t0, 2), "build": manifest["build"],
+                     "phases": {k: round(v, 2) for k, v in manifest["phases"].items()}})
         print(f"re-embed with {actors} actor(s): {manifest['n_items']:,} items, {manifest['items_per_s']:,.0f} "
-              f"items/s ({manifest['build_seconds']:.1f} s embedding, {runs[-1]['build_seconds']:.1f} s build)",
-              flush=True)
+              f"items/s ({manifest['build_seconds']:.1f} s embedding, {runs[-1]['build_seconds']:.1f} s build; "
+              + ", ".join(f"{k} {v:.1f}" for k, v in manifest["phases"].items()) + ")", flush=True)
     result = {"bundle": str(bundle_dir), "cluster_cpus": cpus, "index": base.to_dict(), "runs": runs,
               "speedup_all_cpus": runs[-1]["items_per_s"] / runs[0]["items_per_s"]}
     print(f"all CPUs ({cpus}) / one actor: {result['speedup_all_cpus']:.2f}x")

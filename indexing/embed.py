@@ -157,8 +157,11 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
     build = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     folder = Path(bundle_dir).resolve() / INDEX_DIR / build
     folder.mkdir(parents=True)
-    shards = create_shards(bundle.version, build, dim, cfg, folder, training_template(bundle, cfg.ann, dim))
+    template = training_template(bundle, cfg.ann, dim)
+    phases = {"quantizer_training_s": time.perf_counter() - t0}  # where a build's time goes, in its manifest
+    shards = create_shards(bundle.version, build, dim, cfg, folder, template)
     names = [shard_name(bundle.version, build, i) for i in range(cfg.n_shards)]
+    t_embed = time.perf_counter()
     # The catalog snapshot is one file of a few integer columns (8 MB per 1M items): read it here and hand it to Ray
     # Data, because read_parquet's file-listing task asks for a whole CPU and on a 2-core node waits forever behind
     # the embedding actors. The vectors, the bulk of the work, never pass through the driver.
@@ -169,6 +172,8 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
                             batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                                 size=cfg.embed_actors), num_cpus=cfg.embed_cpus)  # [1] the item tower on an actor pool
     routed = int(sum(row["count"] for row in counts.iter_rows()))
+    # the Ray Data run: the embedding actors' start (each loads the bundle), the item tower, the shards' inserts
+    phases["embed_and_insert_s"] = time.perf_counter() - t_embed
     stats = ray.get([s.stats.remote() for s in shards])
     seconds = time.perf_counter() - t0  # the re-embedding, the figure of items/s
     expected = np.bincount(shard_of(bundle.items.column("item_idx").to_numpy(), cfg.n_shards), minlength=cfg.n_shards)
@@ -180,11 +185,13 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
                            f"{[s['ntotal'] for s in stats]}, the catalog's split is {expected.tolist()}")
     # Each shard persists itself: a retrieval replica that holds the whole index in process loads these files, and
     # a restarted shard actor reloads its own.
+    t_persist = time.perf_counter()
     digests = ray.get([s.persist.remote() for s in shards])
+    phases["persist_s"] = time.perf_counter() - t_persist
     stats = [{**st, "file": f"{INDEX_DIR}/{build}/shard-{i}.faiss", "sha256": d}
              for i, (st, d) in enumerate(zip(stats, digests))]
     # the switch: one rename, after every check
-    manifest = write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg, build, names)
+    manifest = write_index_manifest(bundle_dir, bundle.version, dim, stats, seconds, cfg, build, names, phases)
     keep = {build, previous}
     drop_shards(bundle.version, keep_builds=tuple(keep))
     for old in (Path(bundle_dir).resolve() / INDEX_DIR).iterdir():
@@ -195,15 +202,16 @@ def embed_catalog(bundle_dir: str | Path, cfg: IndexConfig) -> dict:
 
 
 def write_index_manifest(bundle_dir: str | Path, version: str, dim: int, stats: list[dict], seconds: float,
-                         cfg: IndexConfig, build: str = "local", names: list[str] | None = None) -> dict:
+                         cfg: IndexConfig, build: str = "local", names: list[str] | None = None,
+                         phases: dict[str, float] | None = None) -> dict:
     """Records a built index beside its bundle (`index.json`): its build, its shards with their counts and actor
-    names, the build time. Written to a temporary file and renamed over the old one: a reader sees the old manifest
+    names, the build time and (`phases`) where it went. Written to a temporary file and renamed over the old one: a reader sees the old manifest
     or the new one, never part of it."""
     n_items = sum(s["ntotal"] for s in stats)
     names = names or [shard_name(version, build, i) for i in range(len(stats))]
     manifest = {"version": version, "build": build, "index_type": cfg.ann.describe(), "ann": cfg.ann.to_dict(),
                 "dim": dim, "n_items": n_items, "shards": [{"name": n, **s} for n, s in zip(names, stats)],
-                "build_seconds": seconds, "items_per_s": n_items / max(seconds, 1e-9),
+                "build_seconds": seconds, "items_per_s": n_items / max(seconds, 1e-9), "phases": phases or {},
                 "built_at": iso_utc_now(), "config": cfg.to_dict()}
     tmp = Path(bundle_dir) / f".{INDEX_MANIFEST}.{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(manifest, indent=2))

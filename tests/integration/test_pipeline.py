@@ -54,6 +54,7 @@ def test_shard_fan_out_and_merge_equals_one_exact_index_over_the_catalog(tiny_st
     manifest = read_index_manifest(path)
     shards = get_shards(manifest)
     assert sum(s["ntotal"] for s in manifest["shards"]) == manifest["n_items"] == 2000
+    assert set(manifest["phases"]) == {"quantizer_training_s", "embed_and_insert_s", "persist_s"}
     V = item_vectors(load_bundle(path).two_tower())[1:]  # (n_items, D), row i = item index i + 1
     xq = np.random.default_rng(0).standard_normal((5, V.shape[1])).astype(np.float32)
     parts = ray.get([s.search.remote(xq, 50) for s in shards])
