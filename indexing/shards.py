@@ -84,8 +84,8 @@ class FaissShard:
                 if self._holds(ids).any():
                     raise ValueError("an hnsw shard cannot replace stored vectors (the graph has no removal); "
                                      "rebuild the index or use flat or an ivf type")
-            else:
-                self.remove(ids)  # replace semantics: the index would otherwise keep both copies
+            elif self._holds(ids).any():  # replace semantics: the index would otherwise keep both copies
+                self.remove(ids[self._holds(ids)])
             self.index.add_with_ids(xb, ids)
             self._mark(ids, True)
         return self.ntotal
