@@ -254,28 +254,41 @@ def test_tuning_a_built_shard_changes_its_search_knobs_only():
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf_flat", "hnsw"])
-def test_a_filtered_search_returns_only_allowed_items_and_k_of_them_when_k_exist(kind):
+@pytest.mark.parametrize("n_allowed", [60, 6000])
+def test_a_filtered_search_returns_only_allowed_items_and_k_of_them_when_k_exist(kind, n_allowed):
+    """60 allowed items (fewer than k) are scored directly, all of them returned; 6,000 (above `BRUTE_FORCE_ITEMS`,
+    15% of the items) go through the index, where two probed lists or a narrow beam hold fewer than k of them, so
+    the search widens until it finds k."""
     from indexing.index_types import IndexSpec, empty_index
-    from indexing.shards import pack_allowed
+    from indexing.shards import BRUTE_FORCE_ITEMS, pack_allowed
 
+    n, k = 40000, 300
     rng = np.random.default_rng(1)
-    xb = rng.standard_normal((3000, 16)).astype(np.float32)
-    ids = np.arange(1, 3001)
-    spec = IndexSpec(kind=kind, nlist=32, nprobe=2, ef_search=40)
+    xb = rng.standard_normal((n, 16)).astype(np.float32)
+    ids = np.arange(1, n + 1)
+    spec = IndexSpec(kind=kind, nlist=64, nprobe=2, ef_search=40)
     template = faiss.serialize_index(empty_index(spec, 16, xb)).tobytes() if spec.needs_training else None
     shard, exact = FaissShard(16, spec, template), FaissShard(16)
     shard.add(ids, xb)
     exact.add(ids, xb)
-    mask = np.zeros(3001, dtype=bool)
-    mask[rng.choice(ids, 60, replace=False)] = True  # 2% of the items: few lists and a narrow beam hold k of them
+    mask = np.zeros(n + 1, dtype=bool)
+    mask[rng.choice(ids, n_allowed, replace=False)] = True
+    if n_allowed > BRUTE_FORCE_ITEMS and kind == "ivf_flat":
+        shard._brute_force = lambda *a: pytest.fail("the widened IVF search should have found k")
     xq = rng.standard_normal((5, 16)).astype(np.float32)
-    D, I = shard.search(xq, 50, pack_allowed(mask))
-    assert (I >= 0).all() and mask[I].all()  # 50 results, every one allowed
-    brute = np.argsort(-(xq @ xb[mask[1:]].T), axis=1)[:, :50]
+    D, I = shard.search(xq, k, pack_allowed(mask))
+    found = min(k, n_allowed)
+    assert (I[:, :found] >= 0).all() and mask[I[:, :found]].all() and (I[:, found:] == -1).all()
+    brute = np.argsort(-(xq @ xb[mask[1:]].T), axis=1)[:, :found]
     want = ids[mask[1:]][brute]
-    recall = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(I, want)])
-    assert recall >= (1.0 if kind == "flat" else 0.9)
-    few = np.zeros(3001, dtype=bool)
+    recall = np.mean([len(set(a) & set(b)) / found for a, b in zip(I, want)])
+    if kind == "flat" or n_allowed < BRUTE_FORCE_ITEMS:
+        assert recall == 1.0
+    else:  # a filter costs no recall: at least what the same setting finds without one
+        unfiltered = np.mean([len(set(a) & set(b)) / k for a, b in zip(shard.search(xq, k)[1], exact.search(xq, k)[1])])
+        assert recall >= unfiltered, (recall, unfiltered)
+    shard.__dict__.pop("_brute_force", None)  # the spy off: three allowed items are scored directly
+    few = np.zeros(n + 1, dtype=bool)
     few[[7, 8, 9]] = True
     _, I = shard.search(xq[:1], 10, pack_allowed(few))
     assert sorted(I[0][I[0] >= 0].tolist()) == [7, 8, 9] and (I[0][3:] == -1).all()
