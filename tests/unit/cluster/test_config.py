@@ -31,3 +31,14 @@ def test_index_type_and_layout_come_from_the_config_and_bad_values_name_the_fiel
         p.write_text(text)
         with pytest.raises(ValueError, match=field):
             load_config(p)
+
+
+def test_every_built_in_config_loads():
+    from cluster.config import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"demo", "tiny", "loop", "large"} <= set(names)
+    for name in names:
+        load_config(name)
+    large = load_config("large")
+    assert large.data.size == "large" and large.index.ann.kind == "ivf_flat" and large.train.num_workers == 1
