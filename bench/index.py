@@ -126,19 +126,30 @@ def request_filters(bundle: Any) -> dict[str, ItemFilter]:
 
 
 def plot(results: list[dict[str, Any]], k: int, path: Path) -> None:
+    """One line per index structure through its sweep, each point labelled with its knob (nprobe, efSearch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[dict[str, Any]]] = {}
     for r in results:
-        ax.scatter(r["fan_out_merge"]["p50_ms"], r[f"recall@{k}"], label=r["setting"])
-    ax.set_xlabel("fan-out + merge p50 ms (one query, one thread)")
+        lines.setdefault(r["setting"].split(" nprobe=")[0].split(" efSearch=")[0], []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for (name, rows), marker in zip(lines.items(), "osD^vP*X"):
+        x = [r["fan_out_merge"]["p50_ms"] for r in rows]
+        y = [r[f"recall@{k}"] for r in rows]
+        ax.plot(x, y, marker=marker, label=name)
+        knob = "ef_search" if rows[0]["kind"] == "hnsw" else "nprobe"
+        if rows[0]["kind"] != "flat":
+            for xi, yi, r in zip(x, y, rows):
+                ax.annotate(str(r["spec"][knob]), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("fan-out + merge p50 ms (one query, one thread; labels: nprobe or efSearch)")
     ax.set_ylabel(f"recall@{k} against exact search")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
