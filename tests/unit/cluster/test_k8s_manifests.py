@@ -96,6 +96,8 @@ def test_the_rayservice_serves_a_valid_serve_config_through_the_typed_builders()
     config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     validate_serve_config(config)
     assert {a["name"] for a in config["applications"]} == {"recsys", "recsys-v1", "recsys-v2"}
+    ingress = next(a for a in config["applications"] if a["name"] == "recsys")
+    assert ingress["args"]["shop_dir"].startswith("/shared/")  # the ingress builder starts the rollout controller
 
 
 def test_the_emitted_serve_config_is_valid_and_its_builders_build_the_applications(tmp_path):
