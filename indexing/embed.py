@@ -205,8 +205,8 @@ def write_index_manifest(bundle_dir: str | Path, version: str, dim: int, stats: 
                          cfg: IndexConfig, build: str = "local", names: list[str] | None = None,
                          phases: dict[str, float] | None = None) -> dict:
     """Records a built index beside its bundle (`index.json`): its build, its shards with their counts and actor
-    names, the build time and (`phases`) where it went. Written to a temporary file and renamed over the old one: a reader sees the old manifest
-    or the new one, never part of it."""
+    names, the build time and (`phases`) where it went. Written to a temporary file and renamed over the old one:
+    a reader sees the old manifest or the new one, never part of it."""
     n_items = sum(s["ntotal"] for s in stats)
     names = names or [shard_name(version, build, i) for i in range(len(stats))]
     manifest = {"version": version, "build": build, "index_type": cfg.ann.describe(), "ann": cfg.ann.to_dict(),
