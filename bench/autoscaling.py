@@ -120,12 +120,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from cluster.demo import Phases, ensure_bundles, ensure_shop
     from cluster.runtime import init_ray
     from cluster.serving import deploy_ingress, deploy_version, seed_online_store, start_serve, wait_healthy
-    from deployments.app import _autoscaling
+    from deployments.app import MAX_ONGOING, _autoscaling
     from training.data.schemas import read_shop
 
     cfg = load_config(args.config)
     serving = dataclasses.replace(cfg.serving, port=args.port, min_replicas=1, max_replicas=args.max_replicas,
-                                  upscale_delay_s=args.upscale_delay_s, downscale_delay_s=args.downscale_delay_s)
+                                  upscale_delay_s=args.upscale_delay_s, downscale_delay_s=args.downscale_delay_s,
+                                  autoscale_targets={**cfg.serving.autoscale_targets, **args.targets})
     cfg = dataclasses.replace(cfg, serving=serving)
     shop = ensure_shop(cfg)
     init_ray()
@@ -154,16 +155,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = int(time.time() - start)
     rows = per_second(answers, replicas, seconds)
     serve.shutdown()
-    settings = {dep: _autoscaling(serving, target) for dep, target in (("Retrieval", 4), ("Ranking", 8),
-                                                                         ("Ingress", 2))}
+    settings = {dep: _autoscaling(serving, dep.lower()) for dep in ("Retrieval", "Ranking", "Ingress")}
     peak = {k: max(r["replicas"].get(k, 0) for r in rows) for k in rows[0]["replicas"]} if rows else {}
     final = rows[-1]["replicas"] if rows else {}
     return {"config": {"rates": args.rates, "phase_s": args.phase_s, "tail_s": args.tail_s,
-                       "autoscaling": settings, "max_ongoing_requests": {"Retrieval": 8, "Ranking": 16, "Ingress": 4}},
+                       "autoscaling": settings,
+                       "max_ongoing_requests": {dep: MAX_ONGOING[dep.lower()] for dep in settings}},
             "requests": len(answers), "answered": sum(a["status"] == 200 for a in answers),
             "shed": sum(a["shed"] for a in answers),
             "errors": sum(a["status"] != 200 and not a["shed"] for a in answers),
             "peak_replicas": peak, "final_replicas": final, "per_second": rows}
+
+
+def targets(text: str) -> dict[str, float]:
+    """`ingress=1,retrieval=0.5` -> {"ingress": 1.0, "retrieval": 0.5}; ServingConfig checks names and ranges."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError(part)
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--targets: {part!r} is not NAME=NUMBER") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-replicas", type=int, default=4)
     p.add_argument("--upscale-delay-s", type=float, default=10.0)
     p.add_argument("--downscale-delay-s", type=float, default=60.0)
+    p.add_argument("--targets", type=targets, default={},
+                   help="autoscaling targets (ongoing requests per replica), e.g. ingress=1,retrieval=0.5,ranking=0.5; "
+                        "default: the config's serving.autoscale_targets")
     p.add_argument("--out", type=Path, default=Path("bench/results/autoscaling.json"))
     args = p.parse_args(argv)
     result = run(args)

@@ -1,15 +1,16 @@
 """The one place that wires Serve applications: every `.bind()` lives here."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
+from deployments.ingress.admission import INGRESS_MAX_ONGOING
 from deployments.ingress.routes import Ingress
-from deployments.ranking import Ranking
-from deployments.retrieval import Retrieval
+from deployments.ranking import RANKING_MAX_ONGOING, Ranking
+from deployments.retrieval import RETRIEVAL_MAX_ONGOING, Retrieval
 from deployments.version import Version
 from deployments.store import EMBEDDED
 from indexing.embed import LAYOUTS
@@ -28,6 +29,11 @@ QUIET = {"log_level": "WARNING", "enable_access_log": False}  # replicas' logs s
 STAGE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
              "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}  # request-path logs flushed in batches, errors at once
 INGRESS_ENV = {**STAGE_ENV, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+# each deployment's Serve cap on the requests one replica works on at once
+MAX_ONGOING = {"ingress": INGRESS_MAX_ONGOING, "retrieval": RETRIEVAL_MAX_ONGOING, "ranking": RANKING_MAX_ONGOING}
+AUTOSCALE_TARGETS = {name: cap / 2 for name, cap in MAX_ONGOING.items()}
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,21 @@ class ServingConfig:
     # when it is one, else the folder `impressions/` of the working directory (shared storage on a multi-node
     # cluster); "off"; or a folder or a redis:// URL.
     impressions: str = "auto"
+    # Serve's autoscaling target of each deployment, ongoing requests per replica: a replica is added above it (for
+    # `upscale_delay_s`). Half of each one's max_ongoing_requests (4, 8, 16) by default, at most that cap (a target
+    # above it can never be reached).
+    autoscale_targets: dict = field(default_factory=lambda: dict(AUTOSCALE_TARGETS))
 
     def __post_init__(self) -> None:
+        targets = self.autoscale_targets
+        if not isinstance(targets, dict) or set(targets) - set(MAX_ONGOING):
+            raise ValueError(f"serving.autoscale_targets: a mapping of {sorted(MAX_ONGOING)} to numbers, got "
+                             f"{targets!r}")
+        for name, value in targets.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_ONGOING[name]:
+                raise ValueError(f"serving.autoscale_targets.{name}: a number in (0, {MAX_ONGOING[name]}] (its "
+                                 f"max_ongoing_requests), got {value!r}")
+        object.__setattr__(self, "autoscale_targets", {**AUTOSCALE_TARGETS, **targets})
         if self.clock not in CLOCKS:
             raise ValueError(f"serving.clock must be one of {list(CLOCKS)}, got {self.clock!r}")
         if self.index_layout not in LAYOUTS:
@@ -105,11 +124,11 @@ def _actor_options(cfg: ServingConfig, env: dict[str, str], share: float = 1.0) 
     return options
 
 
-def _autoscaling(cfg: ServingConfig, target: int) -> dict[str, Any]:
-    """Each deployment's target is half its `max_ongoing_requests`, so a replica is added well before requests
-    queue (a target above the cap could never be reached)."""
+def _autoscaling(cfg: ServingConfig, deployment: str) -> dict[str, Any]:
+    """A deployment's autoscaling: its target from `cfg.autoscale_targets` (by default half its
+    `max_ongoing_requests`, so a replica is added well before requests queue)."""
     return {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
-            "target_ongoing_requests": target, "upscale_delay_s": cfg.upscale_delay_s,
+            "target_ongoing_requests": cfg.autoscale_targets[deployment], "upscale_delay_s": cfg.upscale_delay_s,
             "downscale_delay_s": cfg.downscale_delay_s}
 
 
@@ -118,10 +137,10 @@ def build_version_app(bundle_dir: str, version: str, cfg: ServingConfig) -> Appl
     Retrieval and Ranking by handle; Version binds them into one application that is deployed and deleted whole."""
     opts = {"ray_actor_options": _actor_options(cfg, STAGE_ENV)}
     changes = change_log_spec(cfg, bundle_dir)
-    retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, 4)).bind(
+    retrieval = Retrieval.options(**opts, autoscaling_config=_autoscaling(cfg, "retrieval")).bind(
         bundle_dir, cfg.threads, cfg.index_layout, cfg.index_memory_mb, changes=changes, clock=cfg.clock)
-    ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, 8)).bind(bundle_dir, cfg.threads,
-                                                                                  changes=changes)
+    ranking = Ranking.options(**opts, autoscaling_config=_autoscaling(cfg, "ranking")).bind(
+        bundle_dir, cfg.threads, changes=changes)
     return Version.options(ray_actor_options=_actor_options(cfg, STAGE_ENV, 1 / 5)).bind(
         retrieval, ranking, bundle_dir, version, changes, clock=cfg.clock)
 
@@ -148,5 +167,5 @@ def build_ingress_app(versions: dict[str, float], policy: dict[str, Any] | None,
     """
     user_config = ingress_user_config(versions, policy, cfg, admin_token_sha256, buckets)
     return Ingress.options(ray_actor_options=_actor_options(cfg, INGRESS_ENV),
-                           autoscaling_config=_autoscaling(cfg, 2), user_config=user_config).bind(
+                           autoscaling_config=_autoscaling(cfg, "ingress"), user_config=user_config).bind(
         store_spec=cfg.store, impressions=impression_log_spec(cfg))

@@ -16,7 +16,11 @@ from training.request.contracts import RankedList, RankRequest
 from training.request.ranking import RankingCore
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16, max_queued_requests=32,
+RANKING_MAX_ONGOING = 16  # requests one replica works on at once (Serve's cap)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=RANKING_MAX_ONGOING,
+                  max_queued_requests=32,
                   backpressure_config=SHED,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8})
 class Ranking:

@@ -27,9 +27,11 @@ from training.request.retrieval import RetrievalCore
 logger = logging.getLogger("ray.serve")
 SHARD_TIMEOUT_S = 2.0  # a shard slower than this is left out of the answer (marked partial), never waited for
 INDEX_WATCH_S = 2.0  # how often a replica looks for a rebuilt index of its version
+RETRIEVAL_MAX_ONGOING = 8  # requests one replica works on at once (Serve's cap)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=8, max_queued_requests=16,
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=RETRIEVAL_MAX_ONGOING,
+                  max_queued_requests=16,
                   backpressure_config=SHED,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4})
 class Retrieval:

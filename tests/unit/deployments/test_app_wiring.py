@@ -30,6 +30,21 @@ def test_autoscaling_targets_sit_below_each_deployments_concurrency_cap():
     assert set(found) == {"Retrieval", "Ranking", "Ingress"}
 
 
+def test_autoscaling_targets_come_from_the_config_and_a_bad_one_names_its_field():
+    import pytest
+
+    cfg = ServingConfig(autoscale_targets={"retrieval": 0.5})
+    assert cfg.autoscale_targets == {"ingress": 2.0, "retrieval": 0.5, "ranking": 8.0}  # the rest keep their default
+    targets = {d.name: d._deployment_config.autoscaling_config.target_ongoing_requests
+               for app in (build_version_app("/bundle", "v1", cfg), build_ingress_app({"v1": 1.0}, {}, cfg))
+               for d in deployments_of(app) if d._deployment_config.autoscaling_config is not None}
+    assert targets == {"Retrieval": 0.5, "Ranking": 8.0, "Ingress": 2.0}
+    for bad, field in (({"shards": 1}, "autoscale_targets"), ({"ingress": 5}, "autoscale_targets.ingress"),
+                       ({"ranking": 0}, "autoscale_targets.ranking"), ({"retrieval": True}, "retrieval")):
+        with pytest.raises(ValueError, match=field):
+            ServingConfig(autoscale_targets=bad)
+
+
 def test_replicas_run_on_one_event_loop_and_only_the_ingress_routes_on_it():
     """The one-loop settings reach every replica's environment (not the driver's), and can be switched off."""
     apps = lambda cfg: (build_version_app("/bundle", "v1", cfg), build_ingress_app({"v1": 1.0}, {}, cfg))
