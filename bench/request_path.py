@@ -3,7 +3,8 @@ the request path the project had before the one-orchestrator change (`../shared/
 hops and payload sizes, every stage answering at once), one after the other in one run, with the same closed-loop
 load generator (`../shared/tools/load_users.py`, demo-shop users).
 
-Usage: python -m bench.request_path [--requests 400] [--out bench/results/request_path.json] (after `make demo`)
+Usage: python -m bench.request_path [--requests 400] [--layouts in_process,sharded] [--out FILE.json] (after
+`make demo`); with --layouts, the project is deployed and measured once per index layout, one after the other.
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ def noop_topology(port: int, requests: int, optimized: bool) -> dict:
     return json.loads(lines[-1])
 
 
-def project(port: int, requests: int, config: str) -> dict:
-    """Deploys the demo's bundles as `make serve` does (embedded Ray) and measures the same load against it."""
+def project(port: int, requests: int, config: str, layout: str | None = None) -> dict:
+    """Deploys the demo's bundles as `make serve` does (embedded Ray) and measures the same load against it; with
+    `layout`, every retrieval replica searches that way (`in_process`: the index in its own memory, one hop;
+    `sharded`: a fan-out to the shard actors)."""
     import dataclasses
 
     from ray import serve
@@ -54,7 +57,8 @@ def project(port: int, requests: int, config: str) -> dict:
     from cluster.runtime import init_ray
 
     cfg = load_config(config)
-    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=port))
+    cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, port=port,
+                                                               index_layout=layout or cfg.serving.index_layout))
     shop_dir = ensure_shop(cfg)
     init_ray()
     try:
@@ -71,21 +75,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="demo", help="the deployment's config (its bundles must exist: make demo)")
     p.add_argument("--noop-port", type=int, default=8011)
     p.add_argument("--port", type=int, default=8012)
+    p.add_argument("--layouts", default="", help="comma-separated index layouts (in_process, sharded) to measure "
+                   "the project with, one deployment each; default: the config's serving.index_layout")
     p.add_argument("--out", type=Path, default=Path("bench/results/request_path.json"))
     args = p.parse_args(argv)
+    layouts = [x for x in args.layouts.split(",") if x]
+    bad = sorted(set(layouts) - {"in_process", "sharded"})
+    if bad:
+        raise SystemExit(f"bench request_path --layouts: unknown {bad}; known: ['in_process', 'sharded']")
     t0 = time.perf_counter()
     noop = noop_topology(args.noop_port, args.requests, optimized=False)
     noop_opt = noop_topology(args.noop_port, args.requests, optimized=True)
-    ours = project(args.port, args.requests, args.config)
+    by_layout = {layout: project(args.port, args.requests, args.config, layout) for layout in layouts}
+    ours = next(iter(by_layout.values())) if by_layout else project(args.port, args.requests, args.config)
     result = {"noop_old_topology": noop, "noop_old_topology_throughput_optimized": noop_opt, "project": ours,
+              "project_by_layout": by_layout,
               "serve_throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1",
               "requests": args.requests, "seconds": time.perf_counter() - t0,
               "ratio_p50": {c: ours[c]["p50_ms"] / noop[c]["p50_ms"] for c in ours if c in noop},
               "ratio_p99": {c: ours[c]["p99_ms"] / noop[c]["p99_ms"] for c in ours if c in noop},
               "ratio_p50_same_serve_mode": {c: ours[c]["p50_ms"] / noop_opt[c]["p50_ms"] for c in ours if c in noop_opt}}
     print(f"{'POST /recommend':40s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/s':>7s} {'errors':>6s}")
-    for name, figures in (("no-op old topology", noop), ("no-op old topology, optimized Serve", noop_opt),
-                          ("project", ours)):
+    rows = [("no-op old topology", noop), ("no-op old topology, optimized Serve", noop_opt)]
+    rows += [(f"project, {layout}", f) for layout, f in by_layout.items()] if by_layout else [("project", ours)]
+    for name, figures in rows:
         for c, f in figures.items():
             print(f"{name + ' ' + c:40s} {f['p50_ms']:8.1f} {f['p99_ms']:8.1f} {f['qps']:7.1f} {f['errors']:6d}")
     print("project / no-op (Serve defaults), p50: " + ", ".join(f"{c} {r:.2f}x" for c, r in result["ratio_p50"].items())
